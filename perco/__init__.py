@@ -1,0 +1,29 @@
+"""perco — image compression at ultra-low bitrates with a diffusion decoder.
+
+Implements PerCo (Careil et al., "Towards image compression with perfect realism at
+ultra-low bitrates", ICLR 2024). The public API:
+
+    >>> from perco import PerCo, RATES
+    >>> model = PerCo.from_stable_diffusion("stabilityai/stable-diffusion-2-1", rate="r0.0019")
+    >>> encoded = model.encode(images, captions)        # images (B, 3, H, W) in [0, 1]
+    >>> reconstructions = model.decode(encoded, seed=0)
+"""
+
+from .models.perco import PerCo, PerCoConfig
+from .rates import RATES, Rate, get_rate, index_bits
+from .types import EncodedImages, PerCoLoss, QuantizerOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PerCo",
+    "PerCoConfig",
+    "RATES",
+    "Rate",
+    "get_rate",
+    "index_bits",
+    "EncodedImages",
+    "PerCoLoss",
+    "QuantizerOutput",
+    "__version__",
+]

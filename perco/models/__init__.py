@@ -1,0 +1,21 @@
+"""Model components: autoencoders, hyper-encoder, quantizer, U-Net adapter, PerCo."""
+
+from .autoencoders import AUTOENCODERS, Autoencoder, SDAutoencoder
+from .hyper_encoder import HyperEncoder
+from .perco import PerCo, PerCoConfig
+from .quantizer import VectorQuantizer
+from .text import NullTextEmbedding
+from .unet_adapter import linear_parameter_share, widen_conv_in
+
+__all__ = [
+    "AUTOENCODERS",
+    "Autoencoder",
+    "SDAutoencoder",
+    "HyperEncoder",
+    "PerCo",
+    "PerCoConfig",
+    "VectorQuantizer",
+    "NullTextEmbedding",
+    "linear_parameter_share",
+    "widen_conv_in",
+]

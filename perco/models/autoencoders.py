@@ -1,0 +1,86 @@
+"""One interface over the frozen latent autoencoders PerCo can sit on.
+
+PerCo needs four things from its autoencoder ``E``/``D``: the latent channel count (the
+hyper-encoder's input width), the spatial factor (8 for SD's VAE), an ``encode`` from
+images in ``[-1, 1]`` to the normalised latent the diffusion model works in, and the
+matching ``decode``. :class:`Autoencoder` is that contract; :class:`SDAutoencoder`
+implements it over diffusers' ``AutoencoderKL`` (SD 1.x/2.x, SDXL, SD3 and FLUX.1 VAEs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+__all__ = ["Autoencoder", "SDAutoencoder", "AUTOENCODERS", "load_autoencoder"]
+
+
+class Autoencoder(nn.Module):
+    """The contract: ``latent_channels``, ``factor``, ``encode``, ``decode``, saving.
+
+    ``name`` is the key under which a PerCo checkpoint records which class to load.
+    """
+
+    name: str
+    latent_channels: int
+    factor: int
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in ``[-1, 1]`` → normalised latents."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → images in ``[-1, 1]`` (not clamped)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Autoencoder:
+        raise NotImplementedError
+
+
+class SDAutoencoder(Autoencoder):
+    """diffusers ``AutoencoderKL`` with its scaling (and, where set, shift) factor applied.
+
+    Encoding takes the mode of the posterior, so a compression is deterministic.
+    """
+
+    name = "sd"
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+        cfg = vae.config
+        self.latent_channels = cfg.latent_channels
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scaling_factor = cfg.scaling_factor
+        self.shift_factor = getattr(cfg, "shift_factor", None) or 0.0
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        return (latents - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(latents).sample
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        self.vae.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> SDAutoencoder:
+        return cls(AutoencoderKL.from_pretrained(path, **kwargs))
+
+
+AUTOENCODERS: dict[str, type[Autoencoder]] = {cls.name: cls for cls in (SDAutoencoder,)}
+
+
+def load_autoencoder(kind: str, path: str | os.PathLike, **kwargs) -> Autoencoder:
+    if kind not in AUTOENCODERS:
+        raise KeyError(f"unknown autoencoder {kind!r}; known: {', '.join(AUTOENCODERS)}")
+    return AUTOENCODERS[kind].from_pretrained(path, **kwargs)

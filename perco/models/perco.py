@@ -1,0 +1,464 @@
+"""PerCo: a latent diffusion decoder conditioned on a vector-quantized hyper-latent and a caption.
+
+Careil, Muckley, Verbeek, Lathuilière. "Towards image compression with perfect realism
+at ultra-low bitrates", ICLR 2024. Data flow (paper Fig. 2)::
+
+    image ─ E ─► latent ─ hyper-encoder ─► H_s ─ VQ ─► indices z_l   (h·w·log2 V bits)
+    caption z_g (≤ 32 tokens, coded losslessly)
+
+    z_l ─ lookup ─ (project_out) ─ nearest upsample ─┐
+    noise x_T ────────────────────────────────────── concat ─► U-Net (widened conv_in)
+    z_g ─ text encoder ─► cross-attention ───────────────────►    × T steps, CFG on text
+                                                               ─► latent ─ D ─► image
+
+Training (eq. 3–4): the diffusion loss of the U-Net prediction (ε or v, as the
+scheduler says) plus the quantizer's commitment loss; the autoencoder is frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from torch import nn
+
+from ..rates import Rate, get_rate
+from ..sampling import GUIDANCE_MODES, GuidanceMode, sample
+from ..types import EncodedImages, PerCoLoss
+from .autoencoders import Autoencoder, SDAutoencoder, load_autoencoder
+from .hyper_encoder import HyperEncoder
+from .quantizer import VectorQuantizer
+from .text import NullTextEmbedding, check_tokenizer, drop_captions, encode_captions
+from .unet_adapter import widen_conv_in
+
+__all__ = ["PerCo", "PerCoConfig"]
+
+CONFIG_NAME = "perco.json"
+Condition = Literal["codes", "projected"]
+Trainable = Literal["linear", "full", "none"]
+
+
+@dataclass
+class PerCoConfig:
+    """Settings that are not weights; saved as ``perco.json`` beside the components.
+
+    Args:
+        rate: the rung (its name, downsampling, ``V`` and default steps are all stored).
+        condition: what is concatenated to the noisy latent: ``"projected"`` — the code
+            vectors projected back up to the hyper-encoder width (the authors' design,
+            PerCo (SD)); ``"codes"`` — the 32-dim code vectors themselves.
+        guidance: classifier-free guidance mode, see :mod:`perco.sampling`.
+        guidance_scale: ``λ`` of eq. 5 (the paper: 3).
+        text_drop_prob: share of training samples whose caption is replaced by the null
+            text (the paper: 10%).
+    """
+
+    rate: Rate
+    condition: Condition = "projected"
+    guidance: GuidanceMode = "text"
+    guidance_scale: float = 3.0
+    text_drop_prob: float = 0.1
+
+    def __post_init__(self):
+        if isinstance(self.rate, dict):
+            self.rate = Rate(**self.rate)
+        self.rate = get_rate(self.rate)
+        if self.condition not in ("codes", "projected"):
+            raise ValueError(f"condition must be 'codes' or 'projected', got {self.condition!r}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class PerCo(nn.Module):
+    """The PerCo codec: ``encode`` → indices + caption, ``decode`` → images, ``forward`` → loss.
+
+    Build one with :meth:`from_stable_diffusion` (pretrained SD weights, new hyper-encoder
+    and quantizer), :meth:`from_components`, or load a saved one with
+    :meth:`from_pretrained`. Images are ``(B, 3, H, W)`` in ``[0, 1]`` of any size: they
+    are padded to :attr:`pad_multiple` and cropped back after decoding.
+    """
+
+    def __init__(
+        self,
+        autoencoder: Autoencoder,
+        hyper_encoder: HyperEncoder,
+        quantizer: VectorQuantizer,
+        unet: UNet2DConditionModel,
+        text_encoder: nn.Module,
+        tokenizer,
+        null_text: NullTextEmbedding,
+        scheduler,
+        config: PerCoConfig,
+    ):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.hyper_encoder = hyper_encoder
+        self.quantizer = quantizer
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.null_text = null_text
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.config = config
+        self._check_consistency()
+        self.autoencoder.requires_grad_(False)
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_components(
+        cls,
+        autoencoder: Autoencoder,
+        unet: UNet2DConditionModel,
+        text_encoder: nn.Module,
+        tokenizer,
+        scheduler,
+        rate: str | Rate,
+        *,
+        hyper_encoder: dict | None = None,
+        quantizer: dict | None = None,
+        conv_in_init: Literal["random", "zero"] = "random",
+        learned_null_text: bool = True,
+        **config,
+    ) -> PerCo:
+        """Add a new hyper-encoder, quantizer and null text to pretrained parts.
+
+        ``hyper_encoder`` and ``quantizer`` override the defaults of
+        :class:`HyperEncoder` and :class:`VectorQuantizer`; the input width and rate-given
+        settings (``in_channels``, ``downsample``, ``codebook_size``, ``dim``) are filled
+        in here. ``config`` holds :class:`PerCoConfig` fields.
+        """
+        cfg = PerCoConfig(rate=rate, **config)
+        he = HyperEncoder(
+            **{
+                **(hyper_encoder or {}),
+                "in_channels": autoencoder.latent_channels,
+                "downsample": cfg.rate.downsample,
+            }
+        )
+        vq = VectorQuantizer(
+            **{
+                **(quantizer or {}),
+                "codebook_size": cfg.rate.codebook_size,
+                "dim": he.config.out_channels,
+            }
+        )
+        extra = vq.config.dim if cfg.condition == "projected" else vq.config.codebook_dim
+        widen_conv_in(unet, extra, init=conv_in_init)
+
+        hidden = text_encoder.config.hidden_size
+        null = NullTextEmbedding(tokenizer.model_max_length, hidden, learned=learned_null_text)
+        with torch.no_grad():
+            null.initialise(encode_captions(tokenizer, text_encoder, [""]))
+        return cls(autoencoder, he, vq, unet, text_encoder, tokenizer, null, scheduler, cfg)
+
+    @classmethod
+    def from_stable_diffusion(
+        cls,
+        pretrained: str | os.PathLike = "stabilityai/stable-diffusion-2-1",
+        rate: str | Rate = "r0.0019",
+        *,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> PerCo:
+        """Start PerCo from a Stable Diffusion checkpoint (a hub id or a local folder).
+
+        Loads ``vae``, ``unet``, ``text_encoder``, ``tokenizer`` and the ``scheduler``
+        config (used with DDIM) from their subfolders; ``kwargs`` go to
+        :meth:`from_components`.
+        """
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        vae = SDAutoencoder.from_pretrained(pretrained, subfolder="vae", **load)
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **load)
+        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **load)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
+        check_tokenizer(tokenizer, str(pretrained))
+        scheduler = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+        return cls.from_components(vae, unet, text_encoder, tokenizer, scheduler, rate, **kwargs)
+
+    # -- properties -----------------------------------------------------------------
+    @property
+    def rate(self) -> Rate:
+        return self.config.rate
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def unet_factor(self) -> int:
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def pad_multiple(self) -> int:
+        """Image sides are padded to a multiple of this (64 for SD at every rung)."""
+        return self.autoencoder.factor * max(self.rate.downsample, self.unet_factor)
+
+    def _check_consistency(self) -> None:
+        he, vq, rate = self.hyper_encoder.config, self.quantizer.config, self.config.rate
+        if he.downsample != rate.downsample or vq.codebook_size != rate.codebook_size:
+            raise ValueError(
+                f"rate {rate.name} wants downsample {rate.downsample} and V={rate.codebook_size}, "
+                f"but the hyper-encoder downsamples by {he.downsample} and the codebook has "
+                f"{vq.codebook_size} entries"
+            )
+        if he.in_channels != self.autoencoder.latent_channels:
+            raise ValueError(
+                f"hyper-encoder takes {he.in_channels} channels, the autoencoder gives "
+                f"{self.autoencoder.latent_channels}"
+            )
+        extra = vq.dim if self.config.condition == "projected" else vq.codebook_dim
+        want = self.autoencoder.latent_channels + extra
+        if self.unet.config.in_channels != want:
+            got = self.unet.config.in_channels
+            raise ValueError(f"U-Net takes {got} input channels, expected {want}")
+
+    # -- shared steps ---------------------------------------------------------------
+    def _pad(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        m = self.pad_multiple
+        pad_h, pad_w = -h % m, -w % m
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+        return images
+
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in ``[0, 1]`` (already padded) → frozen-autoencoder latents."""
+        with torch.no_grad():
+            return self.autoencoder.encode(images * 2 - 1)
+
+    def _spatial(self, codes: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Code vectors → the channels concatenated to ``x_t``, on the latent grid."""
+        if self.config.condition == "projected":
+            codes = self.quantizer.project_out(codes)
+        return F.interpolate(codes, size=latent_size, mode="nearest")
+
+    def _text(self, captions: Sequence[str | None]) -> torch.Tensor:
+        """Caption embeddings, with the null text where a caption is ``None``."""
+        null = self.null_text(len(captions)).to(self.device)
+        if all(c is None for c in captions):
+            return null
+        grad = any(p.requires_grad for p in self.text_encoder.parameters())
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            text = encode_captions(self.tokenizer, self.text_encoder, [c or "" for c in captions])
+        has = torch.tensor([c is not None for c in captions], device=text.device)[:, None, None]
+        return torch.where(has, text, null.to(text.dtype))
+
+    # -- training -------------------------------------------------------------------
+    def forward(
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str | None],
+        *,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PerCoLoss:
+        """Training loss of a batch (paper eq. 3 with v- or ε-prediction, plus eq. 4).
+
+        ``timesteps`` and ``noise`` are drawn when not given; in training mode captions
+        are dropped to the null text with probability ``config.text_drop_prob``.
+        """
+        latents = self._latents(self._pad(images))
+        q = self.quantizer(self.hyper_encoder(latents))
+        spatial = self._spatial(q.codes, latents.shape[-2:])
+        text = self._text(captions)
+        p_drop = self.config.text_drop_prob
+        if self.training and p_drop > 0:
+            text = drop_captions(text, self.null_text(len(captions)), p_drop, generator)
+
+        sched = self.scheduler
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+        if timesteps is None:
+            num = sched.config.num_train_timesteps
+            timesteps = torch.randint(0, num, (latents.shape[0],), generator=generator)
+        timesteps = timesteps.to(latents.device)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        if sched.config.prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, timesteps)
+        elif sched.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r}")
+
+        unet_in = torch.cat([noisy, spatial], dim=1).to(self.unet.dtype)
+        pred = self.unet(unet_in, timesteps, text.to(self.unet.dtype)).sample
+        diffusion = F.mse_loss(pred.float(), target.float())
+        return PerCoLoss(
+            loss=diffusion + q.loss,
+            diffusion=diffusion.detach(),
+            vq=q.loss.detach(),
+            perplexity=q.perplexity,
+            usage=q.usage,
+        )
+
+    def set_trainable(self, unet: Trainable = "linear") -> list[nn.Parameter]:
+        """Freeze what the paper freezes and return the parameters to optimise.
+
+        ``unet``: ``"linear"`` — the U-Net's ``nn.Linear`` layers (paper), ``"full"`` —
+        the whole U-Net (PerCo (SD)), ``"none"``. The autoencoder and text encoder are
+        frozen. Always trained: the hyper-encoder, the quantizer's projections, the
+        widened ``conv_in`` and a learned null text.
+        """
+        if unet not in ("linear", "full", "none"):
+            raise ValueError(f"unet must be 'linear', 'full' or 'none', got {unet!r}")
+        self.requires_grad_(False)
+        if unet == "full":
+            self.unet.requires_grad_(True)
+        elif unet == "linear":
+            for m in self.unet.modules():
+                if isinstance(m, nn.Linear):
+                    m.requires_grad_(True)
+        for m in (self.hyper_encoder, self.quantizer, self.unet.conv_in, self.null_text):
+            m.requires_grad_(True)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- the codec --------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(
+        self, images: torch.Tensor, captions: Sequence[str | None] | None = None
+    ) -> EncodedImages:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → indices and captions (no EMA updates).
+
+        ``captions``: the global context per image; ``None`` (or a ``None`` entry) means
+        no caption.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        b, _, h, w = images.shape
+        captions = list(captions) if captions is not None else [None] * b
+        if len(captions) != b:
+            raise ValueError(f"{len(captions)} captions for {b} images")
+        padded = self._pad(images.to(self.device))
+        latents = self._latents(padded)
+        indices = self.quantizer.encode(self.hyper_encoder(latents))
+        return EncodedImages(
+            indices=indices,
+            captions=captions,
+            sizes=[(h, w)] * b,
+            padded_size=tuple(padded.shape[-2:]),
+            rate=self.rate.name,
+        )
+
+    @torch.no_grad()
+    def decode(
+        self,
+        encoded: EncodedImages,
+        *,
+        steps: int | None = None,
+        guidance: GuidanceMode | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> list[torch.Tensor]:
+        """Reconstruct images ``(3, H, W)`` in ``[0, 1]``, cropped to their original sizes.
+
+        ``steps``, ``guidance`` and ``guidance_scale`` default to the rate's steps and the
+        config. Without ``generator`` each image's noise comes from its own generator
+        seeded with ``seed``, so a reconstruction does not depend on the rest of the batch.
+        """
+        if encoded.rate != self.rate.name:
+            raise ValueError(
+                f"indices were made at rate {encoded.rate}, this model is {self.rate.name}"
+            )
+        cfg = self.config
+        b = len(encoded)
+        if generator is None:
+            generator = [torch.Generator().manual_seed(seed) for _ in range(b)]
+        latent_size = tuple(s // self.autoencoder.factor for s in encoded.padded_size)
+        indices = encoded.indices.to(self.device)
+        spatial = self._spatial(self.quantizer.lookup(indices), latent_size)
+        latents = sample(
+            self.unet,
+            self.scheduler,
+            spatial,
+            self._text(encoded.captions),
+            self.null_text(b).to(self.device),
+            steps=steps or self.rate.steps,
+            guidance=guidance or cfg.guidance,
+            guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            generator=generator,
+        )
+        images = ((self.autoencoder.decode(latents).float() + 1) / 2).clamp(0, 1)
+        return [img[:, :h, :w] for img, (h, w) in zip(images, encoded.sizes, strict=True)]
+
+    # -- saving ---------------------------------------------------------------------
+    _MODULES = ("hyper_encoder", "quantizer", "unet", "text_encoder", "null_text")
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a folder: one subfolder per component (safetensors) and ``perco.json``.
+
+        The folder is written beside ``path`` and renamed into place, so an existing
+        checkpoint is replaced whole or not at all.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.autoencoder.save_pretrained(tmp / "autoencoder")
+            for name in self._MODULES:
+                getattr(self, name).save_pretrained(tmp / name)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            config = {
+                **self.config.to_dict(),
+                "autoencoder": self.autoencoder.name,
+                "scheduler_class": type(self.scheduler).__name__,
+            }
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
+    ) -> PerCo:
+        """Load a folder written by :meth:`save_pretrained`."""
+        import diffusers
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is not a PerCo checkpoint (no {CONFIG_NAME})")
+        raw = json.loads(config_file.read_text())
+        scheduler_class = getattr(diffusers, raw.pop("scheduler_class"))
+        autoencoder = raw.pop("autoencoder")
+        config = PerCoConfig(**raw)
+        load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        check_tokenizer(tokenizer, str(path / "tokenizer"))
+        return cls(
+            autoencoder=load_autoencoder(autoencoder, path / "autoencoder", **load),
+            hyper_encoder=HyperEncoder.from_pretrained(path / "hyper_encoder"),
+            quantizer=VectorQuantizer.from_pretrained(path / "quantizer"),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", **load),
+            text_encoder=AutoModel.from_pretrained(path / "text_encoder", **load),
+            tokenizer=tokenizer,
+            null_text=NullTextEmbedding.from_pretrained(path / "null_text"),
+            scheduler=scheduler_class.from_pretrained(path / "scheduler"),
+            config=config,
+        )

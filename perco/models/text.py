@@ -1,0 +1,81 @@
+"""Text conditioning: the caption ``z_g`` → cross-attention context, and the null text.
+
+The null text stands in for the caption in the unconditional branch of classifier-free
+guidance, in the 10% of training samples whose caption is dropped, and when an image
+has no caption. Two settings (``NullTextEmbedding(learned=...)``):
+
+* ``learned=True`` — a constant learned text embedding (paper §3.2), initialised from the
+  empty-prompt embedding and trained;
+* ``learned=False`` — the empty-prompt embedding, fixed (PerCo (SD)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+__all__ = ["NullTextEmbedding", "encode_captions", "check_tokenizer", "drop_captions"]
+
+
+class NullTextEmbedding(ModelMixin, ConfigMixin):
+    """The embedding used in place of a caption, ``(1, sequence_length, dim)``."""
+
+    @register_to_config
+    def __init__(self, sequence_length: int = 77, dim: int = 1024, learned: bool = True):
+        super().__init__()
+        value = torch.zeros(1, sequence_length, dim)
+        if learned:
+            self.embedding = nn.Parameter(value)
+        else:
+            self.register_buffer("embedding", value)
+
+    @torch.no_grad()
+    def initialise(self, empty_prompt_embedding: torch.Tensor) -> None:
+        """Set the value to the text encoder's embedding of the empty prompt."""
+        self.embedding.copy_(empty_prompt_embedding.reshape(self.embedding.shape))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.embedding.expand(batch_size, -1, -1)
+
+
+def check_tokenizer(tokenizer, source: str) -> None:
+    """Fail loudly on a tokenizer that did not load.
+
+    Offline, ``CLIPTokenizer.from_pretrained(hub_id)`` can return a tokenizer with only its
+    special tokens instead of raising; every caption would then encode to nothing.
+    """
+    if len(tokenizer) < 1000:
+        raise RuntimeError(
+            f"the tokenizer loaded from {source!r} has only {len(tokenizer)} tokens; its "
+            "vocabulary files are missing (offline without a cached copy?)"
+        )
+
+
+def encode_captions(
+    tokenizer, text_encoder: nn.Module, captions: Sequence[str], max_length: int | None = None
+) -> torch.Tensor:
+    """Captions → the text encoder's last hidden state ``(B, max_length, dim)``.
+
+    Padded to the tokenizer's ``model_max_length`` (77 for CLIP) as SD was trained.
+    """
+    ids = tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+def drop_captions(
+    text: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Replace each sample's text embedding by the null one with probability ``p``."""
+    keep = torch.rand(text.shape[0], generator=generator) >= p
+    keep = keep.to(text.device)[:, None, None]
+    return torch.where(keep, text, null.to(text.dtype))

@@ -1,0 +1,137 @@
+"""Tiny Stable-Diffusion-shaped components built from configs, with no download.
+
+Used by the tests, the embedded default (``perco demo``) and CPU smoke benchmarks. They
+follow diffusers' ``get_dummy_components`` habit: small widths, seeded construction.
+Shapes mirror SD 2.1 where it matters to PerCo: an 8× VAE with 4 latent channels, a
+cross-attention U-Net, a CLIP text encoder with the real CLIP BPE vocabulary (read from
+the file open_clip ships, so tokenization is the real one), SD 2.1's scheduler settings
+with v-prediction. Attention runs only at the U-Net's lowest resolution, keeping CPU
+runs fast.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from .models.autoencoders import SDAutoencoder
+from .models.perco import PerCo
+from .rates import Rate
+
+__all__ = ["clip_tokenizer", "tiny_components", "tiny_perco", "save_tiny_stable_diffusion"]
+
+TEXT_DIM = 32
+
+# Stable Diffusion 2.1's published scheduler config (v-prediction, "leading" spacing)
+SD21_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="v_prediction",
+    timestep_spacing="leading",
+)
+
+
+def clip_tokenizer():
+    """The CLIP BPE tokenizer (49,408 tokens, 77 positions) built from open_clip's vocabulary."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={v: i for i, v in enumerate(vocab)}, merges=merges, model_max_length=77
+    )
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """Keys ``vae`` (an :class:`SDAutoencoder`), ``unet``, ``text_encoder``, ``tokenizer``,
+    ``scheduler``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+        sample_size=64,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return {
+        "vae": SDAutoencoder(vae),
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": DDIMScheduler(**SD21_SCHEDULER),
+    }
+
+
+# hyper-encoder and quantizer widths for the tiny model (the defaults are 192/320/32)
+TINY_HYPER_ENCODER = {"channels": 32, "out_channels": 64}
+TINY_QUANTIZER = {"codebook_dim": 8}
+
+
+def tiny_perco(rate: str | Rate = "r0.0019", seed: int = 0, **kwargs) -> PerCo:
+    """A tiny PerCo with random weights (``kwargs`` go to :meth:`PerCo.from_components`)."""
+    c = tiny_components(seed)
+    kwargs.setdefault("hyper_encoder", TINY_HYPER_ENCODER)
+    kwargs.setdefault("quantizer", TINY_QUANTIZER)
+    return PerCo.from_components(
+        c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"], rate, **kwargs
+    )
+
+
+def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny components as a diffusers Stable Diffusion folder.
+
+    The layout (``vae/``, ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)
+    is that of ``stabilityai/stable-diffusion-2-1``, so
+    :meth:`PerCo.from_stable_diffusion` loads it through the real loading path.
+    """
+    path = Path(path)
+    c = tiny_components(seed)
+    c["vae"].save_pretrained(path / "vae")
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        c[name].save_pretrained(path / name)
+    return path

@@ -1,0 +1,74 @@
+"""Typed outputs shared across perco (dataclasses, never growing dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["QuantizerOutput", "EncodedImages", "PerCoLoss"]
+
+
+@dataclass
+class QuantizerOutput:
+    """What :class:`~perco.models.quantizer.VectorQuantizer` returns.
+
+    Attributes:
+        codes: quantized vectors in the codebook space, ``(B, codebook_dim, h, w)``, with
+            straight-through gradients to the encoder output.
+        indices: codebook indices ``(B, h, w)``, int64.
+        loss: commitment loss (already weighted; zero when the weight is zero).
+        perplexity: ``exp(entropy)`` of the code histogram of this batch.
+        usage: fraction of the codebook used by this batch.
+    """
+
+    codes: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    perplexity: torch.Tensor
+    usage: torch.Tensor
+
+
+@dataclass
+class EncodedImages:
+    """A batch of encoded images: everything a decoder needs, nothing more.
+
+    All images in a batch share one padded size; ``sizes`` keeps each original size so
+    the decoder crops the padding away.
+
+    Attributes:
+        indices: ``(B, h, w)`` codebook indices, the local context ``z_l``.
+        captions: the global context ``z_g`` per image (``None``: no caption, the decoder
+            uses the null text embedding).
+        sizes: original ``(height, width)`` per image.
+        padded_size: ``(height, width)`` after padding, shared by the batch.
+        rate: name of the rung the indices were produced at.
+    """
+
+    indices: torch.Tensor
+    captions: list[str | None]
+    sizes: list[tuple[int, int]]
+    padded_size: tuple[int, int]
+    rate: str
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+@dataclass
+class PerCoLoss:
+    """Training losses of one batch (paper eq. 3–4) and quantizer statistics.
+
+    Attributes:
+        loss: the total to backpropagate, ``diffusion + vq``.
+        diffusion: mean squared error of the U-Net prediction (ε or v, per scheduler).
+        vq: the quantizer's commitment loss (zero with EMA-only training).
+        perplexity: code perplexity of the batch.
+        usage: fraction of the codebook used by the batch.
+    """
+
+    loss: torch.Tensor
+    diffusion: torch.Tensor
+    vq: torch.Tensor
+    perplexity: torch.Tensor
+    usage: torch.Tensor
