@@ -131,6 +131,7 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self.restarted = 0  # codes restarted by the latest training step, for logging
 
     # -- lookups --------------------------------------------------------------------
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
@@ -214,7 +215,8 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
         threshold = self.config.dead_code_threshold
         dead = self.cluster_size < threshold  # identical on every rank: counts are all-reduced
         num_dead = int(dead.sum())
-        if threshold <= 0 or num_dead == 0:
+        self.restarted = num_dead if threshold > 0 else 0
+        if not self.restarted:
             return
         replacement = _broadcast(_sample_rows(_gather_rows(flat), num_dead))
         self.embed[dead] = replacement

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny components (no download) and the offline assets folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from perco.tiny import tiny_perco
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("PERCO_ASSETS", ROOT.parent / "shared" / "assets"))
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """``../shared/assets`` (or ``$PERCO_ASSETS``); skips the test when it is absent."""
+    if not ASSETS.is_dir():
+        pytest.skip(f"offline assets not found at {ASSETS} (set PERCO_ASSETS)")
+    return ASSETS
+
+
+@pytest.fixture
+def model():
+    """A fresh tiny PerCo at the lowest rung, in eval mode."""
+    return tiny_perco("r0.0019").eval()
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(0)
+    return torch.rand(2, 3, 64, 64)

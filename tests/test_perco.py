@@ -1,0 +1,181 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from perco import PerCo, index_bits
+from perco.io import load_image
+from perco.tiny import save_tiny_stable_diffusion, tiny_perco
+
+
+def _photo_like(size=64, seed=0):
+    """A structured image: smooth gradients plus a few rectangles (not white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.stack([xx, yy, (xx + yy) / 2])
+    for _ in range(4):
+        y0, x0 = torch.randint(0, size - 16, (2,), generator=g).tolist()
+        img[:, y0 : y0 + 16, x0 : x0 + 16] = torch.rand(3, 1, 1, generator=g)
+    return img[None]
+
+
+def test_encode_shapes_and_padding(model):
+    x = torch.rand(2, 3, 70, 100)
+    enc = model.encode(x, ["a red barn", None])
+    assert model.pad_multiple == 64
+    assert enc.padded_size == (128, 128) and enc.sizes == [(70, 100)] * 2
+    assert enc.indices.shape == (2, 2, 2) and enc.indices.dtype == torch.int64
+    assert int(enc.indices.max()) < model.rate.codebook_size
+    out = model.decode(enc, steps=2)
+    assert [o.shape for o in out] == [(3, 70, 100)] * 2
+    assert all(o.min() >= 0 and o.max() <= 1 for o in out)
+
+
+def test_native_kodak_size_is_not_squashed(assets):
+    x = load_image(assets / "kodak" / "kodim04.png")  # portrait, 512×768
+    assert x.shape[-2:] == (768, 512)
+    model = tiny_perco("r0.0019").eval()
+    enc = model.encode(x)
+    assert enc.indices.shape == (1, 12, 8) and enc.padded_size == (768, 512)
+    assert index_bits(model.rate, 768, 512) == 12 * 8 * 8
+
+
+def test_decode_is_deterministic_for_a_seed_and_independent_of_the_batch(model, images):
+    enc = model.encode(images, ["a cat", "a dog"])
+    a = model.decode(enc, steps=3, seed=5)
+    b = model.decode(enc, steps=3, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    c = model.decode(enc, steps=3, seed=6)
+    assert not torch.equal(a[0], c[0])
+    first = model.encode(images[:1], ["a cat"])
+    torch.testing.assert_close(model.decode(first, steps=3, seed=5)[0], a[0], atol=1e-4, rtol=0)
+
+
+def test_encode_is_deterministic_and_leaves_the_model_alone(model, images):
+    model.train()
+    state = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
+    a, b = model.encode(images), model.encode(images)
+    assert torch.equal(a.indices, b.indices)
+    for k, v in model.quantizer.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_save_and_load_round_trip(model, images, tmp_path):
+    enc = model.encode(images, ["a cat", None])
+    before = model.decode(enc, steps=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "perco.json").read_text())
+    assert config["rate"] == {"name": "r0.0019", "downsample": 8, "codebook_size": 256, "steps": 20}
+    assert config["scheduler_class"] == "DDIMScheduler"
+    scheduler = json.loads((tmp_path / "ckpt" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert scheduler["timestep_spacing"] == "leading"
+    weights = list((tmp_path / "ckpt").rglob("*.safetensors"))
+    assert len(weights) >= 6 and not list((tmp_path / "ckpt").rglob("*.bin"))
+
+    back = PerCo.from_pretrained(tmp_path / "ckpt").eval()
+    assert back.rate == model.rate and back.config == model.config
+    assert torch.equal(back.encode(images).indices, enc.indices)
+    after = back.decode(enc, steps=2)
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+
+
+def test_save_replaces_an_existing_checkpoint_whole(model, tmp_path):
+    target = tmp_path / "ckpt"
+    model.save_pretrained(target)
+    (target / "stale.txt").write_text("left from before")
+    model.save_pretrained(target)
+    assert not (target / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folders left
+
+
+def test_from_pretrained_rejects_a_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a PerCo checkpoint"):
+        PerCo.from_pretrained(tmp_path)
+
+
+def test_from_stable_diffusion_loads_a_diffusers_folder(tmp_path):
+    """The real loading path (`from_pretrained` per subfolder) on a tiny SD folder."""
+    sd = save_tiny_stable_diffusion(tmp_path / "sd")
+    model = PerCo.from_stable_diffusion(
+        sd, rate="r0.0059", hyper_encoder={"channels": 16, "out_channels": 32}, condition="codes"
+    ).eval()
+    assert model.unet.config.in_channels == 4 + 32  # codebook_dim 32 concatenated
+    assert model.hyper_encoder.config.in_channels == 4  # from the VAE's config
+    assert model.scheduler.config.prediction_type == "v_prediction"
+    out = model.decode(model.encode(torch.rand(1, 3, 64, 64), ["x"]), steps=1)
+    assert out[0].shape == (3, 64, 64)
+
+
+def test_inconsistent_parts_are_rejected(model):
+    parts = dict(model.named_children())
+    with pytest.raises(ValueError, match="rate r0.1250"):
+        PerCo(
+            **parts,
+            tokenizer=model.tokenizer,
+            scheduler=model.scheduler,
+            config=type(model.config)(rate="r0.1250"),
+        )
+    enc = model.encode(torch.rand(1, 3, 64, 64))
+    enc.rate = "r0.0024"
+    with pytest.raises(ValueError, match="made at rate"):
+        model.decode(enc)
+
+
+@pytest.mark.parametrize("mode", ["linear", "full", "none"])
+def test_set_trainable_always_trains_the_new_parts(model, mode):
+    params = model.set_trainable(mode)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+    for must in ("hyper_encoder.", "quantizer.project_in", "unet.conv_in.weight", "null_text."):
+        assert any(n.startswith(must) for n in names), must
+    assert not any(n.startswith(("autoencoder.", "text_encoder.")) for n in names)
+    unet_linear = {
+        f"unet.{m}.{p}"
+        for m, mod in model.unet.named_modules()
+        if isinstance(mod, nn.Linear)
+        for p, _ in mod.named_parameters()
+    }
+    unet_trained = {n for n in names if n.startswith("unet.") and not n.startswith("unet.conv_in")}
+    if mode == "linear":
+        assert unet_trained == unet_linear
+    elif mode == "full":
+        assert unet_trained == {n for n, _ in model.named_parameters() if n.startswith("unet.")} - {
+            "unet.conv_in.weight",
+            "unet.conv_in.bias",
+        }
+    else:
+        assert not unet_trained
+
+
+def test_training_lowers_the_loss_on_fixed_noise():
+    torch.manual_seed(0)
+    model = tiny_perco("r0.0059")
+    image, caption = _photo_like(), ["a few coloured squares on a gradient"]
+    g = torch.Generator().manual_seed(1)
+    fixed = [
+        (torch.randint(0, 1000, (1,), generator=g), torch.randn(1, 4, 8, 8, generator=g))
+        for _ in range(8)
+    ]
+
+    def fixed_loss():
+        model.eval()
+        with torch.no_grad():
+            return sum(
+                model(image, caption, timesteps=t, noise=n).diffusion.item() for t, n in fixed
+            ) / len(fixed)
+
+    model.train()
+    model(image, caption)  # k-means initialisation of the codebook on the first batch
+    start = fixed_loss()
+    optimizer = torch.optim.AdamW(model.set_trainable("linear"), lr=1e-3)
+    model.train()
+    for step in range(60):
+        loss = model(image, caption, generator=torch.Generator().manual_seed(step)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    end = fixed_loss()
+    print(f"fixed-noise loss {start:.4f} -> {end:.4f}")
+    assert end <= 0.7 * start
