@@ -80,3 +80,15 @@ def test_stable_diffusion_21_unet_on_meta():
         f"SD 2.1 U-Net: {total:,} parameters, {linear:,} in nn.Linear ({share:.1%}); "
         f"widening conv_in by 320 channels adds {added:,}"
     )
+
+
+@pytest.mark.slow
+def test_count_params_script_prints_the_measured_numbers(capsys):
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "count_params.py"
+    runpy.run_path(str(script), run_name="perco_count_params")["main"]([])
+    out = capsys.readouterr().out
+    assert "| r0.0019 | ×8 | 8×8 | 256 | 5,868,032 | 5,888,864 |" in out
+    assert "| r0.1250 | ×1 | 64×64 | 256 | 4,080,128 | 4,100,960 |" in out
+    assert "nn.Linear layers: 301,404,800 (34.8%)" in out

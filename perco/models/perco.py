@@ -114,7 +114,9 @@ class PerCo(nn.Module):
         self.scheduler = scheduler
         self.config = config
         self._check_consistency()
+        # frozen in every finetuning mode (paper §4.1)
         self.autoencoder.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
 
     # -- construction ---------------------------------------------------------------
     @classmethod
