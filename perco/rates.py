@@ -25,10 +25,19 @@ Default steps: 20 below 0.05 bpp (PerCo (SD) decodes with 20 DDIM steps), 5 abov
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-__all__ = ["Rate", "RATES", "get_rate", "index_bits", "hyper_latent_size"]
+__all__ = [
+    "Rate",
+    "RATES",
+    "get_rate",
+    "index_bits",
+    "hyper_latent_size",
+    "packed_bits",
+    "chunk_length",
+]
 
 
 @dataclass(frozen=True)
@@ -94,15 +103,41 @@ def hyper_latent_size(
 
 
 def index_bits(rate: str | Rate, height: int, width: int, latent_factor: int = 8) -> int:
-    """Exact number of bits needed for the indices of one ``height × width`` image.
+    """Exact number of bits the indices of one ``height × width`` image take in a file.
 
-    ``ceil(h·w·log2 V)``: the information content of ``h·w`` uniform symbols, which a
-    mixed-radix or arithmetic coder reaches within one bit also when ``V`` is not a power
-    of two. Computed with integers, so it is exact for any size.
+    ``ceil(h·w·log2 V)``, the information content of ``h·w`` uniform symbols, whenever
+    ``V`` is a power of two or ``h·w·log2 V`` fits in one mixed-radix chunk of
+    :data:`CHUNK_BITS` bits (every rung of the ladder at any realistic size). Beyond that
+    the indices are coded in chunks of :func:`chunk_length` indices, each losing under one
+    bit. Computed with integers, so it is exact.
     """
     r = get_rate(rate)
     h, w = hyper_latent_size(r, height, width, latent_factor)
-    v = r.codebook_size
-    if v & (v - 1) == 0:  # a power of two: log2 V bits each, no big integers needed
-        return h * w * (v.bit_length() - 1)
-    return (v ** (h * w) - 1).bit_length()
+    return packed_bits(h * w, r.codebook_size)
+
+
+# Indices are packed in mixed radix, chunk by chunk, so that packing and unpacking stay
+# linear in the image size; a chunk is the largest run of indices that fits these bits.
+CHUNK_BITS = 65536
+
+
+def chunk_length(codebook_size: int) -> int:
+    """Indices per mixed-radix chunk for a codebook of ``codebook_size`` entries."""
+    return CHUNK_BITS // codebook_size.bit_length()
+
+
+@functools.lru_cache(maxsize=64)
+def _run_bits(count: int, codebook_size: int) -> int:
+    """``ceil(count · log2 V)``: bits of ``count`` indices in one mixed-radix number."""
+    return (codebook_size**count - 1).bit_length()
+
+
+def packed_bits(count: int, codebook_size: int) -> int:
+    """Bits of ``count`` indices of a ``codebook_size``-entry codebook, packed."""
+    if codebook_size < 1 or count < 0:
+        raise ValueError(f"need codebook_size >= 1 and count >= 0, got {codebook_size}, {count}")
+    if codebook_size & (codebook_size - 1) == 0:  # a power of two: log2 V bits each
+        return count * (codebook_size.bit_length() - 1)
+    k = chunk_length(codebook_size)
+    full, rest = divmod(count, k)
+    return full * _run_bits(k, codebook_size) + (_run_bits(rest, codebook_size) if rest else 0)

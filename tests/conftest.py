@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("PERCO_ASSETS", ROOT.parent / "shared" / "assets"))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--regen-golden",
+        action="store_true",
+        help="rewrite the golden files in tests/expected/ instead of comparing with them",
+    )
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     """``../shared/assets`` (or ``$PERCO_ASSETS``); skips the test when it is absent."""

@@ -52,6 +52,20 @@ def test_index_bits_is_exact_for_any_codebook_size():
         assert 2 ** (bits - 1) < 3**n_side <= 2**bits
 
 
+def test_chunked_packing_loses_under_one_bit_per_chunk():
+    from perco.rates import CHUNK_BITS, chunk_length, packed_bits
+
+    v = 1000
+    k = chunk_length(v)
+    assert k * math.log2(v) <= CHUNK_BITS
+    for count in (k, k + 1, 3 * k + 17):
+        exact = math.ceil(count * math.log2(v))
+        chunks = math.ceil(count / k)
+        assert exact <= packed_bits(count, v) < exact + chunks
+    assert packed_bits(10**7, 256) == 8 * 10**7  # powers of two never lose a bit
+    assert packed_bits(5, 1) == 0
+
+
 def test_get_rate_accepts_names_and_rejects_unknown():
     assert get_rate("0.0019") is RATES["r0.0019"]
     assert get_rate(RATES["r0.1250"]) is RATES["r0.1250"]

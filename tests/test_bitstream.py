@@ -1,0 +1,212 @@
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from perco import bitstream
+from perco.bitstream import BitstreamError, CompressedImage
+from perco.rates import RATES, Rate, index_bits
+
+FP = bytes.fromhex("5eed")
+NON_POWER_OF_TWO = Rate("v1000", downsample=8, codebook_size=1000, steps=20)
+CAPTION_40 = "two parrots standing next to each other."
+GOLDEN = Path(__file__).parent / "expected" / "format_v1.perco"
+
+
+def _image(rate, size=(512, 768), caption=CAPTION_40, seed=0, rng=0):
+    cell = 8 * rate.downsample
+    grid = (math.ceil(size[0] / cell), math.ceil(size[1] / cell))
+    indices = np.random.default_rng(rng).integers(0, rate.codebook_size, grid)
+    return CompressedImage(indices, caption, size, rate, seed)
+
+
+@pytest.mark.parametrize("rate", [*RATES.values(), NON_POWER_OF_TWO], ids=lambda r: r.name)
+def test_round_trip_is_bit_exact_and_sized_by_the_formula(rate):
+    for size, caption in [((512, 768), CAPTION_40), ((333, 517), None), ((64, 64), "é ✓ 日本")]:
+        image = _image(rate, size, caption)
+        data, info = bitstream.write(image, fingerprint=FP)
+        back, info2 = bitstream.read(data, fingerprint=FP, rate=rate)
+        assert np.array_equal(back.indices, image.indices) and back.caption == caption
+        assert back.size == size and back.seed == 0 and info2 == info
+        bits = index_bits(rate, *size)
+        assert (
+            info.index_bits == bits == math.ceil(image.indices.size * math.log2(rate.codebook_size))
+        )
+        caption_bytes = len(bitstream.encode_caption(caption)[1])
+        assert len(data) == bitstream.HEADER_BYTES + math.ceil(bits / 8) + caption_bytes
+        assert info.header_bytes == 8 and info.padding_bits == -bits % 8
+
+
+def test_kodak_lowest_rung_with_a_40_character_caption_is_under_153_bytes():
+    assert len(CAPTION_40) == 40
+    data, info = bitstream.write(_image(RATES["r0.0019"]), fingerprint=FP)
+    assert len(data) < 153  # the paper's Kodak figure at 0.003 bpp
+    assert info.file_bytes == len(data) and info.caption_codec == "deflate"
+    assert info.bpp_file == pytest.approx(8 * len(data) / (512 * 768))
+    assert info.bpp_payload == pytest.approx((768 + info.caption_bits) / (512 * 768))
+
+
+def test_optional_fields_cost_what_the_docstring_says():
+    rate = RATES["r0.0019"]
+    plain, _ = bitstream.write(_image(rate), fingerprint=FP)
+    seeded, info = bitstream.write(_image(rate, seed=7), fingerprint=FP)
+    assert len(seeded) == len(plain) + 1 and info.header_bytes == 9
+    big_seed, _ = bitstream.write(_image(rate, seed=300), fingerprint=FP)
+    assert len(big_seed) == len(plain) + 2
+    with_crc, info = bitstream.write(_image(rate), fingerprint=FP, crc=True)
+    assert len(with_crc) == len(plain) + 2 and info.header_bytes == 10
+    large, info = bitstream.write(_image(rate, size=(70, 20000), caption=None), fingerprint=FP)
+    assert info.header_bytes == 10
+    back, _ = bitstream.read(large, fingerprint=FP, rate=rate)
+    assert back.size == (70, 20000)
+    back, _ = bitstream.read(seeded, fingerprint=FP, rate=rate)
+    assert back.seed == 7
+
+
+def test_zlib_is_the_reference_and_raw_deflate_wins_by_its_wrapper():
+    codec, data = bitstream.encode_caption(CAPTION_40)
+    assert codec == bitstream.CAPTION_DEFLATE
+    assert len(zlib.compress(CAPTION_40.encode(), 9)) == len(data) + 6
+    # a zlib-coded caption (the paper's coding) decodes too
+    assert bitstream.decode_caption(bitstream.CAPTION_ZLIB, zlib.compress(b"abc")) == "abc"
+
+
+def test_golden_file_pins_the_format(request):
+    image = CompressedImage(
+        np.arange(96).reshape(8, 12) % 256, CAPTION_40, (512, 768), RATES["r0.0019"], seed=3
+    )
+    data, _ = bitstream.write(image, fingerprint=FP, crc=True)
+    if request.config.getoption("--regen-golden"):
+        GOLDEN.write_bytes(data)
+    assert data == GOLDEN.read_bytes(), "format changed: bump VERSION, then --regen-golden"
+    magic, flags, fingerprint = "a7", f"{1 << 5 | 1 << 4 | 1 << 3 | 2:02x}", "5eed"
+    fields = f"{0 << 28 | 511 << 14 | 767:08x}"  # rate id 0, height-1, width-1
+    assert data[:9].hex() == magic + flags + fingerprint + fields + "03"
+    assert data[8] == 3 and data[11:14] == bytes([0, 1, 2])  # seed, then the indices
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: b"", "empty file"),
+        (lambda d: d[:5], "truncated header"),
+        (lambda d: b"\x00" + d[1:], "not a perco file"),
+        (lambda d: d[:1] + bytes([d[1] & 0x1F | 0xE0]) + d[2:], "newer than this perco"),
+        (lambda d: d[:1] + bytes([d[1] & 0x1F]) + d[2:], "version 0"),
+        (lambda d: d[:2] + b"\x00\x00" + d[4:], "made by model 0000"),
+        (lambda d: d[:4] + bytes([d[4] & 0x0F | 0x90]) + d[5:], "rate id 9 is unknown"),
+        (lambda d: d[:4] + bytes([d[4] & 0x0F | 0x10]) + d[5:], "file is at r0.0024"),
+        (lambda d: d[:50], "truncated index payload"),
+        (lambda d: d[:-3], "caption stream is truncated"),
+        (lambda d: d[: 8 + 96] + b"\xff\xff\xff", "do not inflate"),  # reserved block type
+    ],
+)
+def test_bad_files_raise_bitstream_errors(mutate, message):
+    data, _ = bitstream.write(_image(RATES["r0.0019"]), fingerprint=FP)
+    with pytest.raises(BitstreamError, match=message):
+        bitstream.read(mutate(data), fingerprint=FP, rate=RATES["r0.0019"])
+
+
+def test_crc_catches_a_flip_in_the_index_payload():
+    rate = RATES["r0.0019"]
+    data, _ = bitstream.write(_image(rate), fingerprint=FP, crc=True)
+    flipped = bytearray(data)
+    flipped[20] ^= 0x10
+    plain, _ = bitstream.write(_image(rate), fingerprint=FP)
+    silent = bytearray(plain)
+    silent[20] ^= 0x10  # without a CRC the same flip decodes to other indices
+    bitstream.read(bytes(silent), fingerprint=FP, rate=rate)
+    with pytest.raises(BitstreamError, match="CRC mismatch"):
+        bitstream.read(bytes(flipped), fingerprint=FP, rate=rate)
+
+
+def test_non_power_of_two_payload_rejects_values_outside_the_codebook():
+    rate = Rate("v3", downsample=8, codebook_size=3, steps=20)
+    image = CompressedImage(np.zeros((1, 5), dtype=np.int64), None, (64, 320), rate)
+    data, info = bitstream.write(image, fingerprint=FP)
+    assert info.index_bits == 8  # 3^5 = 243 < 256
+    forged = data[:8] + b"\xff"  # 255 >= 3^5
+    with pytest.raises(BitstreamError, match="outside the codebook"):
+        bitstream.read(forged, fingerprint=FP, rate=rate)
+
+
+# -- mutation fuzzing --------------------------------------------------------------------
+def _valid_files():
+    rate = RATES["r0.0019"]
+    files = [
+        (bitstream.write(_image(rate), fingerprint=FP)[0], rate),
+        (bitstream.write(_image(rate, caption=None, seed=9), fingerprint=FP, crc=True)[0], rate),
+        (
+            bitstream.write(_image(RATES["r0.0059"], size=(100, 90)), fingerprint=FP)[0],
+            RATES["r0.0059"],
+        ),
+        (
+            bitstream.write(_image(NON_POWER_OF_TWO, size=(200, 300)), fingerprint=FP)[0],
+            NON_POWER_OF_TWO,
+        ),
+    ]
+    # the paper's zlib-coded caption, set by hand (write() picks the smaller raw DEFLATE)
+    data, _ = bitstream.write(_image(rate, caption=None), fingerprint=FP)
+    zlib_file = bytes([data[0], data[1] | bitstream.CAPTION_ZLIB]) + data[2:]
+    files.append((zlib_file + zlib.compress(CAPTION_40.encode()), rate))
+    return files
+
+
+VALID = _valid_files()
+
+
+@st.composite
+def mutated(draw):
+    data, rate = draw(st.sampled_from(VALID))
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "header"]))
+        if len(data) <= bitstream.HEADER_BYTES:
+            break
+        # byte-level mutations aim past the fixed header (hypothesis favours small
+        # integers, which would otherwise hit the magic byte nearly every time);
+        # header fields get their own kind of mutation
+        pos = bitstream.HEADER_BYTES + draw(st.integers(0, len(data) - 1 - bitstream.HEADER_BYTES))
+        if kind == "flip":
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif kind == "delete":
+            del data[pos : pos + draw(st.integers(1, 4))]
+        else:  # edit a header field byte to any value
+            data[draw(st.integers(0, min(9, len(data) - 1)))] = draw(st.integers(0, 255))
+    return bytes(data), rate
+
+
+def test_mutated_files_end_in_bitstream_error_or_a_valid_decode():
+    counts = {"total": 0, "payload": 0, "valid": 0}
+
+    @seed(20241122)
+    @settings(
+        max_examples=10_000, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(mutated())
+    def fuzz(case):
+        data, rate = case
+        counts["total"] += 1
+        try:
+            header = bitstream.read_header(data)
+            bitstream.check_model(header, fingerprint=FP, rate=rate)
+            counts["payload"] += 1
+            image, info = bitstream.read_payload(data, header, rate=rate)
+        except BitstreamError:
+            return
+        counts["valid"] += 1
+        assert info.file_bytes == len(data)
+        assert image.indices.max(initial=0) < rate.codebook_size
+
+    fuzz()
+    print(counts)
+    assert counts["total"] >= 10_000
+    assert counts["payload"] >= counts["total"] / 2
