@@ -37,7 +37,9 @@ class EncodedImages:
     the decoder crops the padding away.
 
     Attributes:
-        indices: ``(B, h, w)`` codebook indices, the local context ``z_l``.
+        indices: ``(B, h, w)`` codebook indices, the local context ``z_l``: the
+            hyper-latent cells that overlap the image (cells over padding only are not
+            coded; the decoder repeats the edge cells there).
         captions: the global context ``z_g`` per image (``None``: no caption, the decoder
             uses the null text embedding).
         sizes: original ``(height, width)`` per image.

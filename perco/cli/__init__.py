@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import demo
+from . import compress, decompress, demo
 
-SUBCOMMANDS = {"demo": demo}
+SUBCOMMANDS = {"compress": compress, "decompress": decompress, "demo": demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

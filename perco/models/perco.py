@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
-from ..rates import Rate, get_rate
+from ..fingerprint import fingerprint
+from ..rates import Rate, get_rate, hyper_latent_size
 from ..sampling import GUIDANCE_MODES, GuidanceMode, sample
+from ..timing import StageTimer, stage
 from ..types import EncodedImages, PerCoLoss
 from .autoencoders import Autoencoder, SDAutoencoder, load_autoencoder
 from .hyper_encoder import HyperEncoder
@@ -117,6 +119,7 @@ class PerCo(nn.Module):
         # frozen in every finetuning mode (paper §4.1)
         self.autoencoder.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
+        self._fingerprint: bytes | None = None
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -210,6 +213,43 @@ class PerCo(nn.Module):
         """Image sides are padded to a multiple of this (64 for SD at every rung)."""
         return self.autoencoder.factor * max(self.rate.downsample, self.unet_factor)
 
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size an image of ``height × width`` is padded to before encoding."""
+        m = self.pad_multiple
+        return -(-height // m) * m, -(-width // m) * m
+
+    def index_grid(self, height: int, width: int) -> tuple[int, int]:
+        """``(h, w)`` of the coded indices: the hyper-latent cells that overlap the image."""
+        return hyper_latent_size(self.rate, height, width, self.autoencoder.factor)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the settings, tokenizer vocabulary, scheduler and all weights.
+
+        Read from ``perco.json`` for a loaded checkpoint (so it names the checkpoint even
+        when loaded in another dtype), else computed once; switching to training mode
+        forgets it, and :meth:`save_pretrained` recomputes it.
+        """
+        if self._fingerprint is None:
+            modules = {name: getattr(self, name) for name in ("autoencoder", *self._MODULES)}
+            self._fingerprint = fingerprint(modules, self._settings())
+        return self._fingerprint
+
+    def _settings(self) -> dict:
+        scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
+        return {
+            **self.config.to_dict(),
+            "autoencoder": self.autoencoder.name,
+            "scheduler_class": type(self.scheduler).__name__,
+            "scheduler": scheduler,
+            "vocabulary": sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        }
+
+    def train(self, mode: bool = True) -> PerCo:
+        if mode:
+            self._fingerprint = None  # weights are about to change
+        return super().train(mode)
+
     def _check_consistency(self) -> None:
         he, vq, rate = self.hyper_encoder.config, self.quantizer.config, self.config.rate
         if he.downsample != rate.downsample or vq.codebook_size != rate.codebook_size:
@@ -232,11 +272,25 @@ class PerCo(nn.Module):
     # -- shared steps ---------------------------------------------------------------
     def _pad(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
-        m = self.pad_multiple
-        pad_h, pad_w = -h % m, -w % m
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+        ph, pw = self.padded_size(h, w)
+        if (ph, pw) != (h, w):
+            images = F.pad(images, (0, pw - w, 0, ph - h), mode="replicate")
         return images
+
+    def _pad_indices(self, indices: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
+        """Extend coded indices ``(B, h, w)`` to the padded grid by repeating edge cells.
+
+        Cells past the image's cells cover only padding, which is cropped away after
+        decoding, so they are not coded; the decoder repeats the nearest coded cell there.
+        """
+        cell = self.autoencoder.factor * self.rate.downsample
+        gh, gw = padded_size[0] // cell, padded_size[1] // cell
+        h, w = indices.shape[-2:]
+        if (h, w) == (gh, gw):
+            return indices
+        rows = torch.arange(gh, device=indices.device).clamp(max=h - 1)
+        cols = torch.arange(gw, device=indices.device).clamp(max=w - 1)
+        return indices[:, rows][:, :, cols]
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in ``[0, 1]`` (already padded) → frozen-autoencoder latents."""
@@ -333,12 +387,16 @@ class PerCo(nn.Module):
     # -- the codec --------------------------------------------------------------------
     @torch.no_grad()
     def encode(
-        self, images: torch.Tensor, captions: Sequence[str | None] | None = None
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str | None] | None = None,
+        *,
+        timer: StageTimer | None = None,
     ) -> EncodedImages:
         """Images ``(B, 3, H, W)`` in ``[0, 1]`` → indices and captions (no EMA updates).
 
         ``captions``: the global context per image; ``None`` (or a ``None`` entry) means
-        no caption.
+        no caption. ``timer`` collects "autoencoder encode" and "hyper-encoder" seconds.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -347,8 +405,12 @@ class PerCo(nn.Module):
         if len(captions) != b:
             raise ValueError(f"{len(captions)} captions for {b} images")
         padded = self._pad(images.to(self.device))
-        latents = self._latents(padded)
-        indices = self.quantizer.encode(self.hyper_encoder(latents))
+        with stage(timer, "autoencoder encode"):
+            latents = self._latents(padded)
+        with stage(timer, "hyper-encoder"):
+            indices = self.quantizer.encode(self.hyper_encoder(latents))
+        gh, gw = self.index_grid(h, w)
+        indices = indices[:, :gh, :gw]  # cells that cover only padding are not coded
         return EncodedImages(
             indices=indices,
             captions=captions,
@@ -367,12 +429,14 @@ class PerCo(nn.Module):
         guidance_scale: float | None = None,
         seed: int = 0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        timer: StageTimer | None = None,
     ) -> list[torch.Tensor]:
         """Reconstruct images ``(3, H, W)`` in ``[0, 1]``, cropped to their original sizes.
 
         ``steps``, ``guidance`` and ``guidance_scale`` default to the rate's steps and the
         config. Without ``generator`` each image's noise comes from its own generator
         seeded with ``seed``, so a reconstruction does not depend on the rest of the batch.
+        ``timer`` collects "text encoding", "decode steps" and "autoencoder decode".
         """
         if encoded.rate != self.rate.name:
             raise ValueError(
@@ -383,20 +447,24 @@ class PerCo(nn.Module):
         if generator is None:
             generator = [torch.Generator().manual_seed(seed) for _ in range(b)]
         latent_size = tuple(s // self.autoencoder.factor for s in encoded.padded_size)
-        indices = encoded.indices.to(self.device)
+        indices = self._pad_indices(encoded.indices.to(self.device), encoded.padded_size)
         spatial = self._spatial(self.quantizer.lookup(indices), latent_size)
-        latents = sample(
-            self.unet,
-            self.scheduler,
-            spatial,
-            self._text(encoded.captions),
-            self.null_text(b).to(self.device),
-            steps=steps or self.rate.steps,
-            guidance=guidance or cfg.guidance,
-            guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-            generator=generator,
-        )
-        images = ((self.autoencoder.decode(latents).float() + 1) / 2).clamp(0, 1)
+        with stage(timer, "text encoding"):
+            text = self._text(encoded.captions)
+        with stage(timer, "decode steps"):
+            latents = sample(
+                self.unet,
+                self.scheduler,
+                spatial,
+                text,
+                self.null_text(b).to(self.device),
+                steps=steps or self.rate.steps,
+                guidance=guidance or cfg.guidance,
+                guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+                generator=generator,
+            )
+        with stage(timer, "autoencoder decode"):
+            images = ((self.autoencoder.decode(latents).float() + 1) / 2).clamp(0, 1)
         return [img[:, :h, :w] for img, (h, w) in zip(images, encoded.sizes, strict=True)]
 
     # -- saving ---------------------------------------------------------------------
@@ -417,10 +485,12 @@ class PerCo(nn.Module):
                 getattr(self, name).save_pretrained(tmp / name)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.scheduler.save_pretrained(tmp / "scheduler")
+            self._fingerprint = None
             config = {
                 **self.config.to_dict(),
                 "autoencoder": self.autoencoder.name,
                 "scheduler_class": type(self.scheduler).__name__,
+                "fingerprint": self.fingerprint.hex(),
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
             if path.exists():
@@ -449,11 +519,12 @@ class PerCo(nn.Module):
         raw = json.loads(config_file.read_text())
         scheduler_class = getattr(diffusers, raw.pop("scheduler_class"))
         autoencoder = raw.pop("autoencoder")
+        stored_fingerprint = raw.pop("fingerprint", None)
         config = PerCoConfig(**raw)
         load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         check_tokenizer(tokenizer, str(path / "tokenizer"))
-        return cls(
+        model = cls(
             autoencoder=load_autoencoder(autoencoder, path / "autoencoder", **load),
             hyper_encoder=HyperEncoder.from_pretrained(path / "hyper_encoder"),
             quantizer=VectorQuantizer.from_pretrained(path / "quantizer"),
@@ -464,3 +535,6 @@ class PerCo(nn.Module):
             scheduler=scheduler_class.from_pretrained(path / "scheduler"),
             config=config,
         )
+        if stored_fingerprint is not None:
+            model._fingerprint = bytes.fromhex(stored_fingerprint)
+        return model

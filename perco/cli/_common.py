@@ -1,0 +1,114 @@
+"""Helpers shared by the codec subcommands: model loading, inputs, reporting."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..models.perco import CONFIG_NAME, PerCo
+from ..rates import RATES
+
+TINY = "tiny"
+
+
+def add_model_arguments(parser) -> None:
+    parser.add_argument(
+        "--model",
+        default=TINY,
+        help="a saved PerCo folder, a folder of per-rate folders (with --rate), a hub id, "
+        "or 'tiny' (the tiny random model, for trying the codec; default)",
+    )
+    parser.add_argument("--rate", choices=list(RATES), help="rung (checked against the model)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def load_model(spec: str, rate: str | None) -> PerCo:
+    """``tiny``, a checkpoint folder, a sweep folder holding ``<rate>/``, or a hub id."""
+    if spec == TINY:
+        from ..tiny import tiny_perco
+
+        return tiny_perco(rate or "r0.0019").eval()
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file() and rate and (path / rate / CONFIG_NAME).is_file():
+            path = path / rate
+        if not (path / CONFIG_NAME).is_file():
+            hint = f" nor {path / (rate or '<rate>')}/{CONFIG_NAME}"
+            raise FileNotFoundError(f"{spec}: no {CONFIG_NAME}{hint}")
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(spec))
+        except Exception as e:  # offline, unknown repo, ...: one line, not a traceback
+            raise FileNotFoundError(f"cannot fetch model {spec!r}: {type(e).__name__}") from e
+    model = PerCo.from_pretrained(path).eval()
+    if rate and model.rate.name != rate:
+        raise ValueError(f"model {spec} is at {model.rate.name}, not {rate}")
+    return model
+
+
+def collect(inputs: list[Path], suffixes: tuple[str, ...]) -> list[Path]:
+    """Files named directly, and the files with one of ``suffixes`` in named folders."""
+    files = []
+    for p in inputs:
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in suffixes)
+        else:
+            files.append(p)
+    return files
+
+
+def output_path(source: Path, output_dir: Path | None, suffix: str) -> Path:
+    return (output_dir or source.parent) / (source.stem + suffix)
+
+
+@dataclass
+class Report:
+    """What a run did: one entry per file, failures, timings."""
+
+    files: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def fail(self, command: str, path: Path, error: Exception) -> None:
+        self.failures.append({"file": str(path), "error": str(error)})
+        print(f"perco {command}: error: {path}: {error}", file=sys.stderr)
+
+    def note(self, path: Path | None, text: str) -> None:
+        where = f"{path}: " if path is not None else ""
+        self.notes.append(where + text)
+        print(f"note: {where}{text}", file=sys.stderr)
+
+    def finish(self, as_json: bool, table) -> int:
+        if as_json:
+            doc = {
+                "files": self.files,
+                "failures": self.failures,
+                "notes": self.notes,
+                "timings_s": self.timings,
+            }
+            print(json.dumps(doc, indent=2))
+        else:
+            table(self.files)
+            if self.timings:
+                print("\nstage timing (s)")
+                for name, seconds in self.timings.items():
+                    print(f"  {name:<20}{seconds:8.3f}")
+        return 1 if self.failures else 0
+
+
+def progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="img",
+        disable=not sys.stderr.isatty() or total < 2,
+        file=sys.stderr,
+    )

@@ -1,0 +1,135 @@
+"""Images ↔ ``.perco`` files with a PerCo model (the bitstream of :mod:`perco.bitstream`).
+
+``compress`` encodes a batch of same-size images and writes one file per image;
+``decompress`` parses any number of files, groups them by padded size and decodes each
+group in batches. bpp comes from the real byte count of each file.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import bitstream
+from .bitstream import Breakdown, CompressedImage
+from .models.perco import PerCo
+from .timing import StageTimer
+from .types import EncodedImages
+
+__all__ = ["compress", "decompress", "parse", "min_image_size", "check_image_size"]
+
+
+def min_image_size(model: PerCo) -> int:
+    """Smallest side a rate accepts: one hyper-latent cell (e.g. 64 px at ×8 on SD)."""
+    return model.autoencoder.factor * model.rate.downsample
+
+
+def check_image_size(model: PerCo, height: int, width: int) -> None:
+    side = min_image_size(model)
+    if height < side or width < side:
+        raise ValueError(
+            f"image {width}x{height} is smaller than rate {model.rate.name}'s minimum of "
+            f"{side}x{side}"
+        )
+
+
+def compress(
+    model: PerCo,
+    images: torch.Tensor,
+    captions: Sequence[str | None] | None = None,
+    *,
+    seed: int = bitstream.DEFAULT_SEED,
+    crc: bool = False,
+    timer: StageTimer | None = None,
+) -> list[tuple[bytes, Breakdown]]:
+    """Encode ``(B, 3, H, W)`` images in ``[0, 1]``; returns each file's bytes and breakdown."""
+    check_image_size(model, *images.shape[-2:])
+    encoded = model.encode(images, captions, timer=timer)
+    out = []
+    for indices, caption, size in zip(
+        encoded.indices, encoded.captions, encoded.sizes, strict=True
+    ):
+        image = CompressedImage(indices.cpu().numpy(), caption, size, model.rate, seed)
+        out.append(
+            bitstream.write(
+                image,
+                fingerprint=model.fingerprint,
+                latent_factor=model.autoencoder.factor,
+                crc=crc,
+            )
+        )
+    return out
+
+
+def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
+    """Read one file for ``model``; raises :class:`~perco.bitstream.BitstreamError`."""
+    return bitstream.read(
+        data,
+        fingerprint=model.fingerprint,
+        rate=model.rate,
+        latent_factor=model.autoencoder.factor,
+    )
+
+
+def _pad_edges(indices: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """Coded ``(h, w)`` indices → the padded ``grid``, repeating the edge cells."""
+    h, w = indices.shape
+    return torch.from_numpy(np.pad(indices, ((0, grid[0] - h), (0, grid[1] - w)), mode="edge"))
+
+
+@dataclass
+class _Item:
+    position: int
+    image: CompressedImage
+
+
+def decompress(
+    model: PerCo,
+    images: Sequence[CompressedImage],
+    *,
+    batch_size: int = 8,
+    steps: int | None = None,
+    guidance: str | None = None,
+    guidance_scale: float | None = None,
+    timer: StageTimer | None = None,
+    progress=None,
+) -> list[torch.Tensor]:
+    """Decode parsed files; returns ``(3, H, W)`` images in ``[0, 1]`` in input order.
+
+    Images that pad to the same size are decoded together, ``batch_size`` at a time; each
+    uses its own file's seed, so a result does not depend on how files were batched.
+    """
+    groups: dict[tuple[int, int], list[_Item]] = defaultdict(list)
+    for i, image in enumerate(images):
+        groups[model.padded_size(*image.size)].append(_Item(i, image))
+    results: list[torch.Tensor | None] = [None] * len(images)
+    cell = model.autoencoder.factor * model.rate.downsample
+    for padded, items in groups.items():
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            grid = (padded[0] // cell, padded[1] // cell)
+            encoded = EncodedImages(
+                indices=torch.stack([_pad_edges(it.image.indices, grid) for it in batch]),
+                captions=[it.image.caption for it in batch],
+                sizes=[it.image.size for it in batch],
+                padded_size=padded,
+                rate=model.rate.name,
+            )
+            generators = [torch.Generator().manual_seed(it.image.seed) for it in batch]
+            decoded = model.decode(
+                encoded,
+                steps=steps,
+                guidance=guidance,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                timer=timer,
+            )
+            for it, img in zip(batch, decoded, strict=True):
+                results[it.position] = img
+            if progress is not None:
+                progress.update(len(batch))
+    return results
