@@ -210,3 +210,21 @@ def test_mutated_files_end_in_bitstream_error_or_a_valid_decode():
     print(counts)
     assert counts["total"] >= 10_000
     assert counts["payload"] >= counts["total"] / 2
+
+
+@pytest.mark.slow
+def test_rate_table_script(tmp_path, capsys):
+    import runpy
+
+    import torch
+
+    from perco.io import save_image
+
+    save_image(torch.rand(3, 128, 192), tmp_path / "x.png")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rate_table.py"
+    runpy.run_path(str(script), run_name="rate_table")["main"](["--image", str(tmp_path / "x.png")])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| r")]
+    assert len(rows) == len(RATES)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == "8" and cells[6] == "64"  # header bytes; file − formula − caption
