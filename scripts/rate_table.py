@@ -31,19 +31,19 @@ def main(argv=None) -> None:
     height, width = image.shape[-2:]
     print(f"{args.image.name} {width}x{height}, caption {len(args.caption)} characters")
     print(
-        "| rate | indices | formula index bits | caption bits | header B | file B "
-        "| file bits − formula − caption | bpp_file | bpp_payload |"
+        "| rate | indices | formula index bits | padding bits | caption bits | file B "
+        "| file bits − formula − padding − caption | header B | bpp_file | bpp_payload |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for rate in RATES.values():
         model = tiny_perco(rate).eval()
         ((data, info),) = codec.compress(model, image, [args.caption])
         formula = index_bits(rate, height, width)
         grid = model.index_grid(height, width)
-        overhead = 8 * len(data) - formula - info.caption_bits
+        rest = 8 * len(data) - formula - info.padding_bits - info.caption_bits
         print(
-            f"| {rate.name} | {grid[1]}×{grid[0]} | {formula} | {info.caption_bits} "
-            f"| {info.header_bytes} | {len(data)} | {overhead} "
+            f"| {rate.name} | {grid[1]}×{grid[0]} | {formula} | {info.padding_bits} "
+            f"| {info.caption_bits} | {len(data)} | {rest} | {info.header_bytes} "
             f"| {info.bpp_file:.5f} | {info.bpp_payload:.5f} |"
         )
 
