@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -87,3 +88,22 @@ def atomic_write(path: str | os.PathLike, writer) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_captions(path: str | os.PathLike) -> dict[str, str]:
+    """Captions keyed by file name or stem: a JSON object, or ``name<TAB>caption`` lines."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of file name -> caption")
+        return {str(k): str(v) for k, v in data.items()}
+    captions = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            if "\t" not in line:
+                raise ValueError(f"{path}:{number}: expected 'name<TAB>caption'")
+            name, caption = line.split("\t", 1)
+            captions[name] = caption
+    return captions

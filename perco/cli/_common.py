@@ -17,8 +17,9 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--model",
         default=TINY,
-        help="a saved PerCo folder, a folder of per-rate folders (with --rate), a hub id, "
-        "or 'tiny' (the tiny random model, for trying the codec; default)",
+        help="a saved PerCo folder, a training run folder or a folder of per-rate folders "
+        "(with --rate), a hub id, or 'tiny' (the tiny random model, for trying the codec; "
+        "default)",
     )
     parser.add_argument("--rate", choices=list(RATES), help="rung (checked against the model)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -26,18 +27,22 @@ def add_model_arguments(parser) -> None:
 
 
 def load_model(spec: str, rate: str | None) -> PerCo:
-    """``tiny``, a checkpoint folder, a sweep folder holding ``<rate>/``, or a hub id."""
+    """``tiny``, a checkpoint folder, a hub id, or a folder holding the checkpoint in
+    ``model/``, ``<rate>/`` or ``<rate>/model/`` (the layout ``perco-train`` writes)."""
     if spec == TINY:
         from ..tiny import tiny_perco
 
         return tiny_perco(rate or "r0.0019").eval()
     path = Path(spec)
     if path.is_dir():
-        if not (path / CONFIG_NAME).is_file() and rate and (path / rate / CONFIG_NAME).is_file():
-            path = path / rate
-        if not (path / CONFIG_NAME).is_file():
-            hint = f" nor {path / (rate or '<rate>')}/{CONFIG_NAME}"
-            raise FileNotFoundError(f"{spec}: no {CONFIG_NAME}{hint}")
+        candidates = [path, path / "model"]
+        if rate:
+            candidates += [path / rate, path / rate / "model"]
+        found = next((c for c in candidates if (c / CONFIG_NAME).is_file()), None)
+        if found is None:
+            where = ", ".join(str(c.relative_to(path)) for c in candidates)
+            raise FileNotFoundError(f"{spec}: no {CONFIG_NAME} in {where}")
+        path = found
     else:
         try:
             from huggingface_hub import snapshot_download

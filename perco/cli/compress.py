@@ -10,14 +10,13 @@ one line and the others go on; the exit status is 1 when any failed.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from .. import bitstream, codec
-from ..io import IMAGE_SUFFIXES, read_image, save_image, write_bytes
+from ..io import IMAGE_SUFFIXES, read_captions, read_image, save_image, write_bytes
 from ..sampling import GUIDANCE_MODES
 from ..timing import StageTimer
 from ._common import Report, add_model_arguments, collect, load_model, output_path, progress
@@ -49,23 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--save-verify", action="store_true", help="with --verify, also write <stem>.verify.png"
     )
-
-
-def read_captions(path: Path) -> dict[str, str]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of file name -> caption")
-        return {str(k): str(v) for k, v in data.items()}
-    captions = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            if "\t" not in line:
-                raise ValueError(f"{path}:{number}: expected 'name<TAB>caption'")
-            name, caption = line.split("\t", 1)
-            captions[name] = caption
-    return captions
 
 
 def run(args: argparse.Namespace) -> int:

@@ -327,10 +327,12 @@ class PerCo(nn.Module):
         """Training loss of a batch (paper eq. 3 with v- or ε-prediction, plus eq. 4).
 
         ``timesteps`` and ``noise`` are drawn when not given; in training mode captions
-        are dropped to the null text with probability ``config.text_drop_prob``.
+        are dropped to the null text with probability ``config.text_drop_prob``. A CPU
+        ``generator`` makes every random draw of the step (noise, timesteps, caption
+        drop, codebook restarts) reproducible.
         """
         latents = self._latents(self._pad(images))
-        q = self.quantizer(self.hyper_encoder(latents))
+        q = self.quantizer(self.hyper_encoder(latents), generator)
         spatial = self._spatial(q.codes, latents.shape[-2:])
         text = self._text(captions)
         p_drop = self.config.text_drop_prob

@@ -67,19 +67,26 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts, strict=True)])
 
 
-def _sample_rows(x: torch.Tensor, num: int) -> torch.Tensor:
+def _sample_rows(
+    x: torch.Tensor, num: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``num`` rows of ``x`` without replacement when there are enough, else with."""
-    if x.shape[0] >= num:
-        return x[torch.randperm(x.shape[0], device=x.device)[:num]]
-    return x[torch.randint(0, x.shape[0], (num,), device=x.device)]
+    n = x.shape[0]
+    if n >= num:
+        rows = torch.randperm(n, generator=generator)[:num]
+    else:
+        rows = torch.randint(0, n, (num,), generator=generator)
+    return x[rows.to(x.device)]
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on the rows of ``x``; returns ``(centroids (k, d), counts (k,))``.
 
     Empty clusters keep their previous centroid (and a count of zero).
     """
-    centroids = _sample_rows(x, k)
+    centroids = _sample_rows(x, k, generator)
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
         assign = torch.cdist(x, centroids).argmin(dim=1)
@@ -154,19 +161,22 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
             return self.nearest(flat).view(b, h, w)
 
     # -- forward ----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> QuantizerOutput:
-        """Quantize ``x (B, dim, h, w)``; updates the codebook when training."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> QuantizerOutput:
+        """Quantize ``x (B, dim, h, w)``; updates the codebook when training.
+
+        ``generator`` (CPU) drives the k-means initialisation and dead-code restarts.
+        """
         z = self.project_in(x)
         b, c, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
             flat = z32.permute(0, 2, 3, 1).reshape(-1, c)
             if self.training and not bool(self.initted):
-                self._kmeans_init(flat.detach())
+                self._kmeans_init(flat.detach(), generator)
             indices = self.nearest(flat.detach())
             quantized = self.embed[indices].view(b, h, w, c).permute(0, 3, 1, 2)
             if self.training:
-                self._ema_update(flat.detach(), indices)
+                self._ema_update(flat.detach(), indices, generator)
 
             counts = torch.bincount(indices, minlength=self.config.codebook_size).float()
             probs = counts / counts.sum()
@@ -186,16 +196,19 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
 
     # -- codebook maintenance -------------------------------------------------------
     @torch.no_grad()
-    def _kmeans_init(self, flat: torch.Tensor) -> None:
+    def _kmeans_init(self, flat: torch.Tensor, generator: torch.Generator | None) -> None:
         samples = _gather_rows(flat)
-        centroids, counts = kmeans(samples, self.config.codebook_size, self.config.kmeans_iters)
+        cfg = self.config
+        centroids, counts = kmeans(samples, cfg.codebook_size, cfg.kmeans_iters, generator)
         self.embed.copy_(_broadcast(centroids))
         self.cluster_size.copy_(_broadcast(counts))
         self.embed_avg.copy_(self.embed * self.cluster_size[:, None])
         self.initted.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+    def _ema_update(
+        self, flat: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None
+    ) -> None:
         cfg = self.config
         counts = torch.bincount(indices, minlength=cfg.codebook_size).float()
         sums = torch.zeros_like(self.embed).index_add_(0, indices, flat)
@@ -208,17 +221,17 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
         smoothed = (self.cluster_size + cfg.epsilon) / (total + cfg.codebook_size * cfg.epsilon)
         self.embed.copy_(self.embed_avg / (smoothed * total)[:, None])
 
-        self._restart_dead_codes(flat)
+        self._restart_dead_codes(flat, generator)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+    def _restart_dead_codes(self, flat: torch.Tensor, generator: torch.Generator | None) -> None:
         threshold = self.config.dead_code_threshold
         dead = self.cluster_size < threshold  # identical on every rank: counts are all-reduced
         num_dead = int(dead.sum())
         self.restarted = num_dead if threshold > 0 else 0
         if not self.restarted:
             return
-        replacement = _broadcast(_sample_rows(_gather_rows(flat), num_dead))
+        replacement = _broadcast(_sample_rows(_gather_rows(flat), num_dead, generator))
         self.embed[dead] = replacement
         self.cluster_size[dead] = threshold
         self.embed_avg[dead] = replacement * threshold

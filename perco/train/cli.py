@@ -1,0 +1,30 @@
+"""``perco-train``: a thin Hydra entry point around :func:`perco.train.train`.
+
+perco-train experiment=tiny
+perco-train -m rate=glob(*) experiment=paper          # one run per rung
+accelerate launch --multi_gpu --num_processes 8 -m perco.train.cli experiment=paper
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .loop import train
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The PerCo finetuning loop: Accelerate, one model per rate, resumable.
+
+Follows the diffusers training skeleton: frozen modules (autoencoder, text encoder) are
+cast to the mixed-precision dtype; the step runs under ``accelerator.accumulate``;
+clipping, logging, validation and checkpoints happen when gradients are synchronised.
+Checkpoints are ``save_state`` folders (``checkpoints/checkpoint_N``) holding a
+``save_pretrained`` PerCo folder and ``train_state.json``; the final model is written to
+``<run>/model``. The run folder also gets the resolved ``config.yaml`` and a
+``summary.json`` (fixed-set loss at start and end, samples/s, peak memory, trainable
+share, whether all ranks ended with identical weights and codebooks).
+
+The PerCo module goes through ``prepare`` whole: DDP only reduces gradients of the
+parameters that require them (the frozen parts carry none), and
+``find_unused_parameters`` covers the null text, which a batch without dropped captions
+does not use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..io import atomic_write
+from ..models.perco import PerCo
+from .validation import FixedValidation
+
+__all__ = ["train", "TrainState", "run_dir"]
+
+log = logging.getLogger("perco.train")
+
+
+@dataclass
+class TrainState:
+    """Progress saved with every checkpoint (as JSON)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation each epoch, a function of ``(seed, epoch)`` only."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``<paths.output_dir>/<trainer.run_name>/<rate>``: the same on every rank."""
+    return Path(cfg.paths.output_dir) / cfg.trainer.run_name / cfg.rate.name
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    checkpoints = sorted(
+        (p for p in (folder / "checkpoints").glob("checkpoint_*") if p.is_dir()),
+        key=lambda p: int(p.name.rsplit("_", 1)[1]),
+    )
+    return checkpoints[-1] if checkpoints else None
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def trainable_report(model: PerCo) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    unet = sum(p.numel() for p in model.unet.parameters())
+    unet_trained = sum(p.numel() for p in model.unet.parameters() if p.requires_grad)
+    return {
+        "trainable_params": trained,
+        "total_params": total,
+        "trainable_share": trained / total,
+        "unet_trainable_share": unet_trained / unet,
+    }
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train one PerCo model as ``cfg`` says; returns the summary (also in summary.json)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from hydra.utils import instantiate
+
+    from ..data import collate
+
+    tc = cfg.trainer
+    out = run_dir(cfg)
+    # accelerate runs several CPU processes (gloo) only when told it is on the CPU
+    cpu = (not torch.cuda.is_available()) if tc.cpu is None else tc.cpu
+    accelerator = Accelerator(
+        cpu=cpu,
+        gradient_accumulation_steps=tc.grad_accum,
+        mixed_precision=tc.mixed_precision,
+        log_with="tensorboard" if tc.tensorboard else None,
+        project_config=ProjectConfiguration(
+            project_dir=str(out),
+            logging_dir=str(out / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=tc.checkpoint_total_limit,
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    set_seed(tc.seed)  # the same initial weights on every rank
+
+    model: PerCo = instantiate(cfg.model, _convert_="all")
+    params = model.set_trainable(cfg.trainable.mode)
+    shares = trainable_report(model)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    model.to(accelerator.device)
+    model.autoencoder.to(dtype=weight_dtype)
+    model.text_encoder.to(dtype=weight_dtype)
+    if tc.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+
+    dataset = instantiate(cfg.data)
+    iterable = isinstance(dataset, IterableDataset)
+    sampler = None if iterable else EpochSampler(len(dataset), tc.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=tc.batch_size,
+        sampler=sampler,
+        num_workers=tc.num_workers,
+        collate_fn=collate,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(tc.seed),  # keeps the global RNG untouched
+    )
+    optimizer = torch.optim.AdamW(
+        params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
+    )
+    lr_scheduler = get_scheduler(
+        tc.lr_schedule,
+        optimizer,
+        num_warmup_steps=tc.warmup_steps * accelerator.num_processes,
+        num_training_steps=tc.max_steps * accelerator.num_processes,
+    )
+    validation = FixedValidation.build(cfg, dataset) if main else None
+
+    state = TrainState()
+
+    def save_hook(models, weights, output_dir):
+        if main:
+            accelerator.unwrap_model(models[0]).save_pretrained(Path(output_dir) / "perco")
+            (Path(output_dir) / "train_state.json").write_text(json.dumps(asdict(state)))
+        if weights:
+            weights.pop()  # saved above as a PerCo folder
+
+    def load_hook(models, input_dir):
+        target = accelerator.unwrap_model(models.pop())
+        loaded = PerCo.from_pretrained(Path(input_dir) / "perco")
+        target.load_state_dict(loaded.state_dict())
+        state.__dict__.update(json.loads((Path(input_dir) / "train_state.json").read_text()))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(
+        model, optimizer, loader, lr_scheduler
+    )
+    unwrapped: PerCo = accelerator.unwrap_model(model)
+
+    if tc.resume:
+        checkpoint = _latest_checkpoint(out) if tc.resume == "latest" else Path(tc.resume)
+        if checkpoint is None:
+            log.info("resume=latest: no checkpoint in %s, starting fresh", out)
+        else:
+            accelerator.load_state(str(checkpoint))
+            accelerator.project_configuration.iteration = int(checkpoint.name.rsplit("_", 1)[1]) + 1
+            log.info("resumed from %s at step %d", checkpoint, state.step)
+
+    if tc.tensorboard:
+        accelerator.init_trackers("perco")
+    if main:
+        log.info(
+            "training %s at %s: %s of %s parameters trainable (%.1f%%; U-Net %.1f%%), "
+            "%d process(es)",
+            cfg.trainable.mode,
+            unwrapped.rate.name,
+            f"{shares['trainable_params']:,}",
+            f"{shares['total_params']:,}",
+            100 * shares["trainable_share"],
+            100 * shares["unet_trainable_share"],
+            accelerator.num_processes,
+        )
+    summary = {"rate": unwrapped.rate.name, "trainable": cfg.trainable.mode, **shares}
+    if validation is not None:
+        summary["fixed_loss_start"] = validation.loss(unwrapped)
+        accelerator.log({"val/fixed_loss": summary["fixed_loss_start"]}, step=state.step)
+        log.info("step %d: fixed-set loss %.4f", state.step, summary["fixed_loss_start"])
+
+    skipped = torch.zeros((), device=accelerator.device)
+    train_seconds, window_samples, window_start = 0.0, 0, time.perf_counter()
+    per_step = tc.batch_size * accelerator.num_processes * tc.grad_accum
+    model.train()
+    while state.step < tc.max_steps:
+        epoch_loader = (
+            accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            if state.batch_in_epoch
+            else loader
+        )
+        # the prepared loader passes the epoch to the sampler (it would otherwise use its
+        # own iteration count, which restarts at 0 on resume) but not to a dataset whose
+        # sampler takes it, so the crops' epoch is set here
+        epoch_loader.set_epoch(state.epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(state.epoch)
+        for batch in epoch_loader:
+            state.batch_in_epoch += 1
+            skipped += batch["skipped"]
+            log.debug("epoch %d batch %d: %s", state.epoch, state.batch_in_epoch, batch["keys"])
+            if not len(batch["captions"]):
+                continue
+            # noise, timesteps and caption drop are a function of (seed, step, micro-batch,
+            # rank), so a resumed run draws exactly what an uninterrupted one would
+            generator = torch.Generator().manual_seed(
+                hash((tc.seed, state.step, state.batch_in_epoch, accelerator.process_index)) % 2**63
+            )
+            with accelerator.accumulate(model):
+                losses = model(batch["images"], batch["captions"], generator=generator)
+                accelerator.backward(losses.loss)
+                if accelerator.sync_gradients and tc.grad_clip:
+                    accelerator.clip_grad_norm_(params, tc.grad_clip)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            state.samples += per_step
+            window_samples += per_step
+            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                elapsed = time.perf_counter() - window_start
+                train_seconds += elapsed
+                logs = {
+                    "train/loss": losses.loss.item(),
+                    "train/diffusion": losses.diffusion.item(),
+                    "train/vq": losses.vq.item(),
+                    "codebook/usage": losses.usage.item(),
+                    "codebook/perplexity": losses.perplexity.item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "samples_per_s": window_samples / elapsed,
+                    "data/skipped": accelerator.reduce(skipped, "sum").item(),
+                }
+                accelerator.log(logs, step=state.step)
+                if main:
+                    log.info(
+                        "step %d: %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                    )
+                window_samples, window_start = 0, time.perf_counter()
+            if validation is not None and (
+                state.step % tc.val_every == 0 or state.step == tc.max_steps
+            ):
+                pause = time.perf_counter()
+                fixed = validation.loss(unwrapped)
+                accelerator.log({"val/fixed_loss": fixed}, step=state.step)
+                log.info("step %d: fixed-set loss %.4f", state.step, fixed)
+                validation.reconstruct(unwrapped, out / "samples" / f"step_{state.step:07d}.png")
+                summary["fixed_loss_end"] = fixed
+                window_start += time.perf_counter() - pause
+            if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
+                pause = time.perf_counter()
+                accelerator.wait_for_everyone()
+                accelerator.save_state()
+                window_start += time.perf_counter() - pause
+            if state.step >= tc.max_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    accelerator.wait_for_everyone()
+    train_seconds += time.perf_counter() - window_start
+
+    summary["steps"] = state.step
+    summary["samples_per_s"] = state.samples / train_seconds if train_seconds else math.nan
+    summary["peak_memory_mb"] = _peak_memory_mb(accelerator.device)
+    summary["skipped_images"] = int(accelerator.reduce(skipped, "sum").item())
+    if tc.check_sync:
+        digest = torch.tensor(list(unwrapped.fingerprint), device=accelerator.device)
+        everyone = accelerator.gather(digest[None]).view(accelerator.num_processes, -1)
+        summary["ranks_in_sync"] = bool((everyone == everyone[0]).all())
+    if main:
+        unwrapped.save_pretrained(out / "model")
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
+        log.info("done: %s", json.dumps(summary))
+    accelerator.end_training()
+    return summary

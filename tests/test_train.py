@@ -1,0 +1,285 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from perco import PerCo
+from perco.data import ImageFolder, collate, shard_dataset, write_shards
+from perco.io import save_image
+from perco.rates import get_rate
+from perco.tiny import save_tiny_stable_diffusion, tiny_perco
+from perco.train import train, trainable_report
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    folder = tmp_path / "photos"
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        save_image(torch.rand(3, 72, 80 + 4 * i, generator=g), folder / f"img{i}.png")
+    (folder / "captions.tsv").write_text("img0\ta red square\nimg3.png\tblue noise\n")
+    return folder
+
+
+def tiny_overrides(folder, out, *extra, data=None):
+    """The tiny experiment on ``folder`` (or on ``data``: a list of data overrides)."""
+    data = data or [f"data.root={folder}", f"data.captions={folder / 'captions.tsv'}"]
+    return [
+        "experiment=tiny",
+        *data,
+        "data.crop_size=64",
+        f"paths.output_dir={out}",
+        "trainer.batch_size=2",
+        "trainer.log_every=1",
+        "trainer.val_every=100",
+        "trainer.val_images=2",
+        "trainer.val_pairs=2",
+        "trainer.sample_steps=1",
+        "trainer.tensorboard=false",
+        *extra,
+    ]
+
+
+# -- configs -------------------------------------------------------------------------------
+def _options(group):
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
+    sd = save_tiny_stable_diffusion(tmp_path / "sd")
+    small = {"hyper_encoder": {"channels": 16, "out_channels": 32}}
+    assert _options("model") == ["sd15", "sd21", "sd21-base", "tiny"]
+    for name in _options("model"):
+        cfg = compose_train(f"model={name}", "rate=r0.0059")
+        if name != "tiny":  # the real loader on a tiny local SD folder instead of the hub
+            assert cfg.model.pretrained.count("/") == 1
+            cfg.model.pretrained = str(sd)
+            cfg.model.hyper_encoder = small["hyper_encoder"]
+        model = instantiate(cfg.model, _convert_="all")
+        assert isinstance(model, PerCo) and model.rate.name == "r0.0059"
+
+    assert len(_options("rate")) == 8
+    for name in _options("rate"):
+        assert get_rate(compose_train(f"rate={name}").rate.name).name == name
+
+    write_shards(photo_folder, str(tmp_path / "shards" / "s-%03d.tar"), max_count=3)
+    data_overrides = {
+        "folder": [f"data.root={photo_folder}"],
+        "tiny": [f"paths.assets_dir={photo_folder.parent}", "data.root=" + str(photo_folder)],
+        "openimages": [f"data.urls='{tmp_path}/shards/s-{{000..001}}.tar'"],
+    }
+    assert _options("data") == sorted(data_overrides)
+    for name, extra in data_overrides.items():
+        cfg = compose_train(f"data={name}", *extra, "data.crop_size=64")
+        batch = collate([next(iter(instantiate(cfg.data)))])
+        assert batch["images"].shape == (1, 3, 64, 64)
+
+    for name in _options("trainable"):
+        cfg = compose_train(f"trainable={name}")
+        tiny_perco().set_trainable(cfg.trainable.mode)
+
+    for name in _options("experiment"):
+        cfg = compose_train(f"experiment={name}")
+        assert cfg.trainer.run_name == name and cfg.trainer.max_steps > 0
+    tiny = compose_train("experiment=tiny")
+    assert tiny.model._target_ == "perco.tiny.tiny_perco" and tiny.trainer.mixed_precision == "no"
+    assert compose_train("experiment=perco_sd").model.quantizer.commitment_weight == 0.0
+
+
+def test_train_yaml_holds_only_a_defaults_list():
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(CONFIGS / "train.yaml")
+    assert list(raw.keys()) == ["defaults"]
+
+
+# -- trainable modes -----------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["linear", "full", "none"])
+def test_exactly_the_trainable_parameters_receive_gradients(mode):
+    model = tiny_perco("r0.0059").train()
+    model.set_trainable(mode)
+    model(torch.rand(2, 3, 64, 64), ["a caption", None]).loss.backward()  # None: null text
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+    report = trainable_report(model)
+    assert report["trainable_params"] == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    assert 0 < report["trainable_share"] < 1
+
+
+# -- data ----------------------------------------------------------------------------------
+def test_unreadable_images_are_skipped_and_counted(photo_folder):
+    (photo_folder / "broken.png").write_bytes(b"not an image")
+    data = ImageFolder(photo_folder, crop_size=64, captions=photo_folder / "captions.tsv")
+    batch = collate([data[i] for i in range(len(data))])
+    assert batch["skipped"] == 1 and len(batch["captions"]) == 5
+    assert batch["captions"][0] == "a red square" and batch["captions"][3] == "blue noise"
+
+
+def test_small_images_are_resized_up_never_squashed(tmp_path):
+    save_image(torch.rand(3, 30, 60), tmp_path / "small.png")
+    sample = ImageFolder(tmp_path, crop_size=64, random_crop=False)[0]
+    assert sample["image"].shape == (3, 64, 64)  # 30x60 -> 64x128, then a centre crop
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(photo_folder):
+    a, b = ImageFolder(photo_folder, crop_size=48), ImageFolder(photo_folder, crop_size=48)
+    assert torch.equal(a[2]["image"], b[2]["image"])
+    b.set_epoch(1)
+    assert not torch.equal(a[2]["image"], b[2]["image"])
+
+
+def test_shards_round_trip_with_captions(photo_folder, tmp_path):
+    n = write_shards(photo_folder, str(tmp_path / "s-%03d.tar"), photo_folder / "captions.tsv", 2)
+    assert n == 5 and len(list(tmp_path.glob("s-*.tar"))) == 3
+    samples = list(shard_dataset(str(tmp_path / "s-{000..002}.tar"), crop_size=32, shuffle=0))
+    assert len(samples) == 5
+    captions = {s["key"]: s["caption"] for s in samples}
+    assert captions["img0"] == "a red square" and captions["img1"] is None
+
+
+# -- the loop ------------------------------------------------------------------------------
+def _weights(path):
+    model = PerCo.from_pretrained(path)
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def test_resumed_run_matches_an_uninterrupted_run(photo_folder, tmp_path):
+    common = ("trainer.checkpoint_every=3", "trainer.max_steps=6")
+    whole = train(compose_train(*tiny_overrides(photo_folder, tmp_path / "a"), *common))
+    train(
+        compose_train(
+            *tiny_overrides(photo_folder, tmp_path / "b"),
+            "trainer.checkpoint_every=3",
+            "trainer.max_steps=3",
+        )
+    )
+    resumed = train(
+        compose_train(
+            *tiny_overrides(photo_folder, tmp_path / "b"), *common, "trainer.resume=latest"
+        )
+    )
+    assert whole["steps"] == resumed["steps"] == 6
+    a = _weights(tmp_path / "a" / "tiny" / "r0.0059" / "model")
+    b = _weights(tmp_path / "b" / "tiny" / "r0.0059" / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    run = tmp_path / "a" / "tiny" / "r0.0059"
+    assert (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint_0",
+        "checkpoint_1",
+    ]
+    assert (run / "checkpoints" / "checkpoint_1" / "perco" / "perco.json").is_file()
+
+
+def test_training_on_shards_lowers_the_fixed_loss_and_writes_a_usable_model(
+    photo_folder, tmp_path, capsys
+):
+    write_shards(photo_folder, str(tmp_path / "s-%03d.tar"), photo_folder / "captions.tsv", 2)
+    shards = ["data=openimages", f"data.urls='{tmp_path}/s-{{000..002}}.tar'", "data.shuffle=4"]
+    summary = train(
+        compose_train(
+            *tiny_overrides(
+                photo_folder,
+                tmp_path / "runs",
+                "trainer.max_steps=25",
+                "trainer.checkpoint_every=100",
+                data=shards,
+            ),
+        )
+    )
+    assert summary["fixed_loss_end"] < summary["fixed_loss_start"]
+    assert summary["ranks_in_sync"] and summary["samples_per_s"] > 0
+    run = tmp_path / "runs" / "tiny" / "r0.0059"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 25
+    assert (run / "samples" / "step_0000025.png").is_file()
+
+    from perco.cli import main
+
+    bits = tmp_path / "bits"
+    assert (
+        main(
+            [
+                "compress",
+                str(photo_folder / "img0.png"),
+                "-o",
+                str(bits),
+                "--model",
+                str(tmp_path / "runs" / "tiny"),
+                "--rate",
+                "r0.0059",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "decompress",
+                str(bits),
+                "-o",
+                str(tmp_path / "rec"),
+                "--steps",
+                "2",
+                "--model",
+                str(run / "model"),
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_weights_and_codebooks(photo_folder, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "perco.train.cli",
+        *tiny_overrides(
+            photo_folder, tmp_path / "runs", "trainer.max_steps=4", "trainer.checkpoint_every=100"
+        ),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "tiny" / "r0.0059" / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["steps"] == 4
+    assert "2 process(es)" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_sweep_runs_one_job_per_rate(photo_folder, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "perco.train.cli",
+        "-m",
+        "rate=r0.0059,r0.0098",
+        *tiny_overrides(photo_folder, tmp_path / "runs", "trainer.max_steps=1"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rate in ("r0.0059", "r0.0098"):
+        assert (tmp_path / "runs" / "tiny" / rate / "model" / "perco.json").is_file()
