@@ -1,7 +1,8 @@
-"""Print parameter counts: the hyper-encoder per rung, and SD 2.1's U-Net linear share.
+"""Print parameter counts: the hyper-encoder per rung, SD 2.1's U-Net linear share, and
+the trainable share of a PerCo on SD 2.1 in each finetuning mode.
 
-Everything is built on the meta device (no weights, no download). The U-Net comes from
-SD 2.1's published config (tests/fixtures/sd21_unet_config.json).
+Everything is built on the meta device (no weights, no download) from SD 2.1's published
+configs (tests/fixtures/sd21_*_config.json).
 
     python scripts/count_params.py [--latent-channels 4]
 """
@@ -18,7 +19,8 @@ from diffusers import UNet2DConditionModel
 from perco.models import HyperEncoder, VectorQuantizer, linear_parameter_share, widen_conv_in
 from perco.rates import RATES
 
-SD21_UNET = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "sd21_unet_config.json"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+SD21_UNET = FIXTURES / "sd21_unet_config.json"
 
 
 def count(module: torch.nn.Module) -> int:
@@ -57,6 +59,49 @@ def main(argv=None) -> None:
         f"widening conv_in for z_l adds {added:,} (320 projected channels; "
         f"32 codes: {codes_only:,})"
     )
+    print()
+    trainable_shares()
+
+
+def trainable_shares(rate: str = "r0.0019") -> None:
+    """PerCo on SD 2.1 (VAE, ViT-H text encoder, U-Net) at ``rate``, per trainable mode."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from perco import PerCo, PerCoConfig
+    from perco.models import NullTextEmbedding, SDAutoencoder
+    from perco.tiny import SD21_SCHEDULER, clip_tokenizer
+    from perco.train import trainable_report
+
+    def config(name):
+        return json.loads((FIXTURES / f"sd21_{name}_config.json").read_text())
+
+    cfg = PerCoConfig(rate=rate)
+    with torch.device("meta"):
+        unet = widen_conv_in(UNet2DConditionModel.from_config(config("unet")), 320)
+        text = config("text_encoder")
+        text.pop("_source"), text.pop("architectures")
+        model = PerCo(
+            autoencoder=SDAutoencoder(AutoencoderKL.from_config(config("vae"))),
+            hyper_encoder=HyperEncoder(downsample=cfg.rate.downsample),
+            quantizer=VectorQuantizer(codebook_size=cfg.rate.codebook_size),
+            unet=unet,
+            text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+            tokenizer=clip_tokenizer(),
+            null_text=NullTextEmbedding(77, 1024),
+            scheduler=DDIMScheduler(**SD21_SCHEDULER),
+            config=cfg,
+        )
+    print(f"PerCo on SD 2.1 at {rate}: trainable parameters per mode")
+    print("| mode | trainable | of all | share | U-Net share trained |")
+    print("|---|---|---|---|---|")
+    for mode in ("linear", "full", "none"):
+        model.set_trainable(mode)
+        r = trainable_report(model)
+        print(
+            f"| {mode} | {r['trainable_params']:,} | {r['total_params']:,} "
+            f"| {r['trainable_share']:.1%} | {r['unet_trainable_share']:.1%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -283,3 +283,16 @@ def test_sweep_runs_one_job_per_rate(photo_folder, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for rate in ("r0.0059", "r0.0098"):
         assert (tmp_path / "runs" / "tiny" / rate / "model" / "perco.json").is_file()
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs perco[slurm]")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "experiment=paper"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8

@@ -92,3 +92,6 @@ def test_count_params_script_prints_the_measured_numbers(capsys):
     assert "| r0.0019 | ×8 | 8×8 | 256 | 5,868,032 | 5,888,864 |" in out
     assert "| r0.1250 | ×1 | 64×64 | 256 | 4,080,128 | 4,100,960 |" in out
     assert "nn.Linear layers: 301,404,800 (34.8%)" in out
+    # PerCo on SD 2.1: linear mode trains the U-Net's linear layers plus the new parts
+    assert "| linear | 308,305,952 | 1,296,841,739 | 23.8% | 34.9% |" in out
+    assert "| none | 6,901,152 | 1,296,841,739 | 0.5% | 0.1% |" in out

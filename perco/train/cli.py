@@ -7,6 +7,7 @@ accelerate launch --multi_gpu --num_processes 8 -m perco.train.cli experiment=pa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> None:
+    if "SUBMITIT_EXECUTOR" in os.environ and "RANK" not in os.environ:
+        # a task of the SLURM launcher (hydra/launcher=slurm): one task per GPU becomes
+        # one torch.distributed rank, as `accelerate launch` would arrange
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()
     train(cfg)
 
 
