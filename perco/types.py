@@ -67,6 +67,8 @@ class PerCoLoss:
         vq: the quantizer's commitment loss (zero with EMA-only training).
         perplexity: code perplexity of the batch.
         usage: fraction of the codebook used by the batch.
+        x0: the clean latent implied by the U-Net's prediction (with gradients), for
+            image-level losses on its decoding.
     """
 
     loss: torch.Tensor
@@ -74,3 +76,4 @@ class PerCoLoss:
     vq: torch.Tensor
     perplexity: torch.Tensor
     usage: torch.Tensor
+    x0: torch.Tensor

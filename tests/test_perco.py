@@ -179,3 +179,18 @@ def test_training_lowers_the_loss_on_fixed_noise():
     end = fixed_loss()
     print(f"fixed-noise loss {start:.4f} -> {end:.4f}")
     assert end <= 0.7 * start
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predicted_x0_inverts_the_forward_process(prediction_type):
+    from diffusers import DDIMScheduler
+
+    from perco.models.perco import predicted_x0
+    from perco.tiny import SD21_SCHEDULER
+
+    sched = DDIMScheduler(**{**SD21_SCHEDULER, "prediction_type": prediction_type})
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 990])
+    noisy = sched.add_noise(x0, noise, t)
+    target = sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
+    torch.testing.assert_close(predicted_x0(sched, noisy, target, t), x0, atol=2e-4, rtol=1e-4)

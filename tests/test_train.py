@@ -296,3 +296,68 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+
+
+def test_lpips_loads_offline_from_the_assets(assets):
+    from perco.losses import load_lpips
+
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    for net, file in [("alex", "alexnet_features"), ("vgg", "vgg16_features")]:
+        model = load_lpips(net, assets / "lpips" / f"{file}.safetensors")
+        assert model(x, x).abs().max() < 1e-6
+        near = model(x, (x + 0.05 * torch.randn_like(x)).clamp(-1, 1)).mean()
+        far = model(x, (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)).mean()
+        assert 0 < near < far
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_resume_with_ema_and_export_of_the_averaged_weights(photo_folder, tmp_path):
+    extra = ("trainer.checkpoint_every=2", "trainer.max_steps=4", "trainer.ema_decay=0.5")
+    train(compose_train(*tiny_overrides(photo_folder, tmp_path / "a"), *extra))
+    train(
+        compose_train(
+            *tiny_overrides(photo_folder, tmp_path / "b"),
+            "trainer.checkpoint_every=2",
+            "trainer.max_steps=2",
+            "trainer.ema_decay=0.5",
+        )
+    )
+    summary = train(
+        compose_train(
+            *tiny_overrides(photo_folder, tmp_path / "b"), *extra, "trainer.resume=latest"
+        )
+    )
+    assert summary["ema_decay"] == 0.5
+    a = _weights(tmp_path / "a" / "tiny" / "r0.0059" / "model")
+    b = _weights(tmp_path / "b" / "tiny" / "r0.0059" / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the exported model carries the EMA weights, not the last raw step
+    run = tmp_path / "a" / "tiny" / "r0.0059"
+    raw = _weights(run / "checkpoints" / "checkpoint_1" / "perco")
+    from safetensors.torch import load_file
+
+    shadow = load_file(run / "checkpoints" / "checkpoint_1" / "ema.safetensors")
+    assert len(shadow) > 0
+    differs = [k for k in a if k.startswith("unet.") and not torch.equal(a[k], raw[k])]
+    assert differs, "EMA weights should differ from the raw weights"
+
+
+def test_lpips_term_on_the_x0_estimate(photo_folder, tmp_path, assets, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="perco.train")
+    backbone = assets / "lpips" / "alexnet_features.safetensors"
+    summary = train(
+        compose_train(
+            *tiny_overrides(
+                photo_folder,
+                tmp_path,
+                "trainer.max_steps=2",
+                "trainer.lpips_weight=0.5",
+                f"trainer.lpips_backbone={backbone}",
+            ),
+        )
+    )
+    assert summary["steps"] == 2
+    assert "train/lpips=" in caplog.text

@@ -84,6 +84,15 @@ class Report:
         self.failures.append({"file": str(path), "error": str(error)})
         print(f"perco {command}: error: {path}: {error}", file=sys.stderr)
 
+    def write(self, command: str, source: Path, writer) -> bool:
+        """Call ``writer()``; if it fails, report ``source`` as failed and return False."""
+        try:
+            writer()
+        except OSError as e:
+            self.fail(command, source, e)
+            return False
+        return True
+
     def note(self, path: Path | None, text: str) -> None:
         where = f"{path}: " if path is not None else ""
         self.notes.append(where + text)

@@ -91,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 for (path, image, caption), (data, breakdown) in zip(batch, results, strict=True):
                     out = output_path(path, args.output_dir, ".perco")
-                    try:
-                        write_bytes(out, data)
-                    except OSError as e:
-                        report.fail("compress", path, e)
+                    if not report.write("compress", path, lambda o=out, d=data: write_bytes(o, d)):
                         continue
                     entry = {
                         "file": str(path),

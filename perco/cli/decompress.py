@@ -54,10 +54,7 @@ def run(args: argparse.Namespace) -> int:
         )
     for (path, image, breakdown), reconstruction in zip(parsed, decoded, strict=True):
         out = output_path(path, args.output_dir, ".png")
-        try:
-            save_image(reconstruction, out)
-        except OSError as e:
-            report.fail("decompress", path, e)
+        if not report.write("decompress", path, lambda o=out, r=reconstruction: save_image(r, o)):
             continue
         report.files.append(
             {

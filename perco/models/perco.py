@@ -43,7 +43,7 @@ from .quantizer import VectorQuantizer
 from .text import NullTextEmbedding, check_tokenizer, drop_captions, encode_captions
 from .unet_adapter import widen_conv_in
 
-__all__ = ["PerCo", "PerCoConfig"]
+__all__ = ["PerCo", "PerCoConfig", "predicted_x0"]
 
 CONFIG_NAME = "perco.json"
 Condition = Literal["codes", "projected"]
@@ -82,6 +82,20 @@ class PerCoConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def predicted_x0(
+    scheduler, noisy: torch.Tensor, pred: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The clean latent implied by a prediction at ``timesteps`` (fp32).
+
+    v-prediction: ``x0 = √ᾱ·x_t − √(1−ᾱ)·v``; ε-prediction: ``x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ``.
+    """
+    alpha = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
+    noisy, pred = noisy.float(), pred.float()
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha.sqrt() * noisy - (1 - alpha).sqrt() * pred
+    return (noisy - (1 - alpha).sqrt() * pred) / alpha.sqrt()
 
 
 class PerCo(nn.Module):
@@ -357,12 +371,14 @@ class PerCo(nn.Module):
         unet_in = torch.cat([noisy, spatial], dim=1).to(self.unet.dtype)
         pred = self.unet(unet_in, timesteps, text.to(self.unet.dtype)).sample
         diffusion = F.mse_loss(pred.float(), target.float())
+        x0 = predicted_x0(sched, noisy, pred, timesteps)
         return PerCoLoss(
             loss=diffusion + q.loss,
             diffusion=diffusion.detach(),
             vq=q.loss.detach(),
             perplexity=q.perplexity,
             usage=q.usage,
+            x0=x0,
         )
 
     def set_trainable(self, unet: Trainable = "linear") -> list[nn.Parameter]:

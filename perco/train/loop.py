@@ -9,6 +9,11 @@ Checkpoints are ``save_state`` folders (``checkpoints/checkpoint_N``) holding a
 ``summary.json`` (fixed-set loss at start and end, samples/s, peak memory, trainable
 share, whether all ranks ended with identical weights and codebooks).
 
+Options: an EMA of the trained weights (``trainer.ema_decay``; the exported model then
+carries the averaged weights, checkpoints keep both), and LPIPS between each image and
+the decoding of the U-Net's x0 estimate (``trainer.lpips_weight``; the paper's optional
+image-level loss, useful at high rates, where x0 is close to the image).
+
 The PerCo module goes through ``prepare`` whole: DDP only reduces gradients of the
 parameters that require them (the frozen parts carry none), and
 ``find_unused_parameters`` covers the null text, which a batch without dropped captions
@@ -30,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..io import atomic_write
+from ..losses import load_lpips
 from ..models.perco import PerCo
 from .validation import FixedValidation
 
@@ -102,7 +108,9 @@ def train(cfg: DictConfig) -> dict:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
     from hydra.utils import instantiate
+    from safetensors.torch import load_file, save_file
 
     from ..data import collate
 
@@ -164,21 +172,37 @@ def train(cfg: DictConfig) -> dict:
         num_training_steps=tc.max_steps * accelerator.num_processes,
     )
     validation = FixedValidation.build(cfg, dataset) if main else None
+    ema = EMAModel(params, decay=tc.ema_decay) if tc.ema_decay else None
+    perceptual = None
+    if tc.lpips_weight:
+        perceptual = load_lpips(tc.lpips_net, tc.lpips_backbone).to(accelerator.device)
 
     state = TrainState()
 
     def save_hook(models, weights, output_dir):
         if main:
-            accelerator.unwrap_model(models[0]).save_pretrained(Path(output_dir) / "perco")
-            (Path(output_dir) / "train_state.json").write_text(json.dumps(asdict(state)))
+            folder = Path(output_dir)
+            accelerator.unwrap_model(models[0]).save_pretrained(folder / "perco")
+            (folder / "train_state.json").write_text(json.dumps(asdict(state)))
+            if ema is not None:
+                shadow = {
+                    str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)
+                }
+                save_file(shadow, folder / "ema.safetensors")
         if weights:
             weights.pop()  # saved above as a PerCo folder
 
     def load_hook(models, input_dir):
+        folder = Path(input_dir)
         target = accelerator.unwrap_model(models.pop())
-        loaded = PerCo.from_pretrained(Path(input_dir) / "perco")
+        loaded = PerCo.from_pretrained(folder / "perco")
         target.load_state_dict(loaded.state_dict())
-        state.__dict__.update(json.loads((Path(input_dir) / "train_state.json").read_text()))
+        state.__dict__.update(json.loads((folder / "train_state.json").read_text()))
+        if ema is not None:
+            shadow = load_file(folder / "ema.safetensors")
+            for i, p in enumerate(ema.shadow_params):
+                p.copy_(shadow[str(i)])
+            ema.optimization_step = state.step
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -245,7 +269,13 @@ def train(cfg: DictConfig) -> dict:
             )
             with accelerator.accumulate(model):
                 losses = model(batch["images"], batch["captions"], generator=generator)
-                accelerator.backward(losses.loss)
+                loss = losses.loss
+                if perceptual is not None:
+                    # LPIPS between the image and the decoded x0 estimate (frozen decoder)
+                    decoded = unwrapped.autoencoder.decode(losses.x0).float().clamp(-1, 1)
+                    lpips_term = perceptual(decoded, batch["images"] * 2 - 1).mean()
+                    loss = loss + tc.lpips_weight * lpips_term
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.grad_clip:
                     accelerator.clip_grad_norm_(params, tc.grad_clip)
                 optimizer.step()
@@ -253,6 +283,8 @@ def train(cfg: DictConfig) -> dict:
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            if ema is not None:
+                ema.step(params)
             state.step += 1
             state.samples += per_step
             window_samples += per_step
@@ -260,7 +292,7 @@ def train(cfg: DictConfig) -> dict:
                 elapsed = time.perf_counter() - window_start
                 train_seconds += elapsed
                 logs = {
-                    "train/loss": losses.loss.item(),
+                    "train/loss": loss.item(),
                     "train/diffusion": losses.diffusion.item(),
                     "train/vq": losses.vq.item(),
                     "codebook/usage": losses.usage.item(),
@@ -269,6 +301,8 @@ def train(cfg: DictConfig) -> dict:
                     "samples_per_s": window_samples / elapsed,
                     "data/skipped": accelerator.reduce(skipped, "sum").item(),
                 }
+                if perceptual is not None:
+                    logs["train/lpips"] = lpips_term.item()
                 accelerator.log(logs, step=state.step)
                 if main:
                     log.info(
@@ -306,6 +340,9 @@ def train(cfg: DictConfig) -> dict:
         digest = torch.tensor(list(unwrapped.fingerprint), device=accelerator.device)
         everyone = accelerator.gather(digest[None]).view(accelerator.num_processes, -1)
         summary["ranks_in_sync"] = bool((everyone == everyone[0]).all())
+    if ema is not None:
+        ema.copy_to(params)  # the exported model carries the averaged weights
+        summary["ema_decay"] = tc.ema_decay
     if main:
         unwrapped.save_pretrained(out / "model")
         text = json.dumps(summary, indent=2) + "\n"
