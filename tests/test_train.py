@@ -10,7 +10,14 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from perco import PerCo
-from perco.data import ImageFolder, collate, shard_dataset, write_shards
+from perco.data import (
+    ImageFolder,
+    collate,
+    latent_shard_dataset,
+    shard_dataset,
+    write_latent_shards,
+    write_shards,
+)
 from perco.io import save_image
 from perco.rates import get_rate
 from perco.tiny import save_tiny_stable_diffusion, tiny_perco
@@ -37,11 +44,14 @@ def photo_folder(tmp_path):
 
 def tiny_overrides(folder, out, *extra, data=None):
     """The tiny experiment on ``folder`` (or on ``data``: a list of data overrides)."""
-    data = data or [f"data.root={folder}", f"data.captions={folder / 'captions.tsv'}"]
+    data = data or [
+        f"data.root={folder}",
+        f"data.captions={folder / 'captions.tsv'}",
+        "data.crop_size=64",
+    ]
     return [
         "experiment=tiny",
         *data,
-        "data.crop_size=64",
         f"paths.output_dir={out}",
         "trainer.batch_size=2",
         "trainer.log_every=1",
@@ -77,16 +87,22 @@ def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
         assert get_rate(compose_train(f"rate={name}").rate.name).name == name
 
     write_shards(photo_folder, str(tmp_path / "shards" / "s-%03d.tar"), max_count=3)
+    fixed = ImageFolder(photo_folder, crop_size=64, random_crop=False)
+    write_latent_shards(tiny_perco().autoencoder, fixed, str(tmp_path / "lat" / "l-%03d.tar"))
     data_overrides = {
+        "latents": [f"data.urls='{tmp_path}/lat/l-000.tar'"],
         "folder": [f"data.root={photo_folder}"],
         "tiny": [f"paths.assets_dir={photo_folder.parent}", "data.root=" + str(photo_folder)],
         "openimages": [f"data.urls='{tmp_path}/shards/s-{{000..001}}.tar'"],
     }
     assert _options("data") == sorted(data_overrides)
     for name, extra in data_overrides.items():
-        cfg = compose_train(f"data={name}", *extra, "data.crop_size=64")
-        batch = collate([next(iter(instantiate(cfg.data)))])
-        assert batch["images"].shape == (1, 3, 64, 64)
+        extra = [*extra, "data.crop_size=64"] if name != "latents" else extra
+        batch = collate([next(iter(instantiate(compose_train(f"data={name}", *extra).data)))])
+        if name == "latents":
+            assert batch["latents"].shape == (1, 4, 8, 8) and "images" not in batch
+        else:
+            assert batch["images"].shape == (1, 3, 64, 64)
 
     for name in _options("trainable"):
         cfg = compose_train(f"trainable={name}")
@@ -194,7 +210,12 @@ def test_training_on_shards_lowers_the_fixed_loss_and_writes_a_usable_model(
     photo_folder, tmp_path, capsys
 ):
     write_shards(photo_folder, str(tmp_path / "s-%03d.tar"), photo_folder / "captions.tsv", 2)
-    shards = ["data=openimages", f"data.urls='{tmp_path}/s-{{000..002}}.tar'", "data.shuffle=4"]
+    shards = [
+        "data=openimages",
+        f"data.urls='{tmp_path}/s-{{000..002}}.tar'",
+        "data.shuffle=4",
+        "data.crop_size=64",
+    ]
     summary = train(
         compose_train(
             *tiny_overrides(
@@ -361,3 +382,57 @@ def test_lpips_term_on_the_x0_estimate(photo_folder, tmp_path, assets, caplog):
     )
     assert summary["steps"] == 2
     assert "train/lpips=" in caplog.text
+
+
+def test_latent_pre_pass_stores_the_autoencoder_latents_and_trains(photo_folder, tmp_path):
+    model = tiny_perco("r0.0059").eval()
+    fixed = ImageFolder(
+        photo_folder, crop_size=64, random_crop=False, captions=photo_folder / "captions.tsv"
+    )
+    with pytest.raises(ValueError, match="fixed crops"):
+        write_latent_shards(model.autoencoder, ImageFolder(photo_folder, crop_size=64), "x-%d.tar")
+    n = write_latent_shards(
+        model.autoencoder, fixed, str(tmp_path / "lat" / "l-%03d.tar"), batch_size=2, max_count=3
+    )
+    assert n == 5
+    stored = {
+        s["key"]: s for s in latent_shard_dataset(f"{tmp_path}/lat/l-{{000..001}}.tar", shuffle=0)
+    }
+    direct = model.autoencoder.encode(fixed[0]["image"][None] * 2 - 1)[0]
+    torch.testing.assert_close(stored["img0_png"]["latent"], direct, atol=2e-2, rtol=1e-2)  # fp16
+    assert stored["img0_png"]["caption"] == "a red square"
+
+    urls = f"data.urls='{tmp_path}/lat/l-{{000..001}}.tar'"
+    summary = train(
+        compose_train(
+            *tiny_overrides(
+                photo_folder, tmp_path / "runs", "trainer.max_steps=10", data=["data=latents", urls]
+            )
+        )
+    )
+    assert summary["steps"] == 10 and summary["fixed_loss_end"] < summary["fixed_loss_start"]
+    assert (tmp_path / "runs" / "tiny" / "r0.0059" / "samples" / "step_0000010.png").is_file()
+
+
+def test_make_shards_script(photo_folder, tmp_path, capsys):
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "scripts" / "make_shards.py"), run_name="make_shards")["main"]
+    assert main([str(photo_folder), str(tmp_path / "px-%03d.tar")]) == 0
+    assert (
+        main(
+            [
+                str(photo_folder),
+                str(tmp_path / "lat-%03d.tar"),
+                "--latents-from",
+                "tiny",
+                "--crop",
+                "64",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.count("wrote 5 samples") == 2
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x-%03d.tar")]) == 2
+    latents = list(latent_shard_dataset(str(tmp_path / "lat-000.tar"), shuffle=0))
+    assert len(latents) == 5 and latents[0]["latent"].shape == (4, 8, 8)

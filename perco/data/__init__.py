@@ -1,7 +1,16 @@
 """Training data: image folders, webdataset shards, crops."""
 
 from .folder import ImageFolder, collate
+from .latents import latent_shard_dataset, write_latent_shards
 from .shards import shard_dataset, write_shards
 from .transforms import crop
 
-__all__ = ["ImageFolder", "collate", "shard_dataset", "write_shards", "crop"]
+__all__ = [
+    "ImageFolder",
+    "collate",
+    "shard_dataset",
+    "write_shards",
+    "latent_shard_dataset",
+    "write_latent_shards",
+    "crop",
+]

@@ -43,8 +43,12 @@ def write_shards(
     import webdataset as wds
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
     names = read_captions(captions) if captions else {}
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images in {folder}")
     Path(pattern).parent.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(pattern, maxcount=max_count, verbose=0) as sink:
         for path in files:

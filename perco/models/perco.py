@@ -331,9 +331,10 @@ class PerCo(nn.Module):
     # -- training -------------------------------------------------------------------
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         captions: Sequence[str | None],
         *,
+        latents: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -343,9 +344,18 @@ class PerCo(nn.Module):
         ``timesteps`` and ``noise`` are drawn when not given; in training mode captions
         are dropped to the null text with probability ``config.text_drop_prob``. A CPU
         ``generator`` makes every random draw of the step (noise, timesteps, caption
-        drop, codebook restarts) reproducible.
+        drop, codebook restarts) reproducible. ``latents`` (from the latent pre-pass of
+        :mod:`perco.data.latents`, made with this model's autoencoder) replace ``images``.
         """
-        latents = self._latents(self._pad(images))
+        if latents is None:
+            latents = self._latents(self._pad(images))
+        else:
+            if latents.shape[1] != self.autoencoder.latent_channels:
+                raise ValueError(
+                    f"latents have {latents.shape[1]} channels, this model's autoencoder "
+                    f"gives {self.autoencoder.latent_channels}: pre-computed with another one?"
+                )
+            latents = latents.to(self.device, self.unet.dtype)
         q = self.quantizer(self.hyper_encoder(latents), generator)
         spatial = self._spatial(q.codes, latents.shape[-2:])
         text = self._text(captions)

@@ -171,7 +171,7 @@ def train(cfg: DictConfig) -> dict:
         num_warmup_steps=tc.warmup_steps * accelerator.num_processes,
         num_training_steps=tc.max_steps * accelerator.num_processes,
     )
-    validation = FixedValidation.build(cfg, dataset) if main else None
+    validation = FixedValidation.build(cfg) if main else None
     ema = EMAModel(params, decay=tc.ema_decay) if tc.ema_decay else None
     perceptual = None
     if tc.lpips_weight:
@@ -268,9 +268,16 @@ def train(cfg: DictConfig) -> dict:
                 hash((tc.seed, state.step, state.batch_in_epoch, accelerator.process_index)) % 2**63
             )
             with accelerator.accumulate(model):
-                losses = model(batch["images"], batch["captions"], generator=generator)
+                losses = model(
+                    batch.get("images"),
+                    batch["captions"],
+                    latents=batch.get("latents"),
+                    generator=generator,
+                )
                 loss = losses.loss
                 if perceptual is not None:
+                    if "images" not in batch:
+                        raise ValueError("the LPIPS term needs pixels; latent shards have none")
                     # LPIPS between the image and the decoded x0 estimate (frozen decoder)
                     decoded = unwrapped.autoencoder.decode(losses.x0).float().clamp(-1, 1)
                     lpips_term = perceptual(decoded, batch["images"] * 2 - 1).mean()

@@ -1,4 +1,4 @@
-"""A fixed validation set: the same images, timesteps and noise at every evaluation.
+"""A fixed validation set: the same samples, timesteps and noise at every evaluation.
 
 The loss on fixed ``(timestep, noise)`` pairs is comparable across steps and runs, unlike
 the training loss whose noise changes every batch.
@@ -22,69 +22,84 @@ __all__ = ["FixedValidation"]
 
 @dataclass
 class FixedValidation:
-    images: torch.Tensor  # (N, 3, S, S)
+    """The first samples of the data, as pixels (``images``) or pre-computed ``latents``."""
+
+    images: torch.Tensor | None  # (N, 3, S, S) in [0, 1]
+    latents: torch.Tensor | None  # (N, C, s, s)
     captions: list[str | None]
     timesteps: torch.Tensor  # (P, N)
-    noise: torch.Tensor  # (P, N, C, s, s)
     sample_steps: int | None
+    seed: int = 1234
 
     @classmethod
-    def build(cls, cfg: DictConfig, dataset, seed: int = 1234) -> FixedValidation:
-        """Centre crops of the first ``trainer.val_images`` images, ``val_pairs`` pairs each."""
+    def build(cls, cfg: DictConfig, seed: int = 1234) -> FixedValidation:
+        """Centre crops of the first ``trainer.val_images`` samples, ``val_pairs`` pairs each."""
         from hydra.utils import instantiate
 
         from ..data import collate
 
         tc = cfg.trainer
-        overrides = {"random_crop": False, "flip": False}
-        if "shuffle" in cfg.data:
-            overrides["shuffle"] = 0
-        data = instantiate(cfg.data, **overrides)
-        items = (
-            iter(data) if isinstance(data, IterableDataset) else (data[i] for i in range(len(data)))
-        )
-        batch = collate(list(itertools.islice((s for s in items if s is not None), tc.val_images)))
+        fixed = {"random_crop": False, "flip": False, "shuffle": 0}
+        data = instantiate(cfg.data, **{k: v for k, v in fixed.items() if k in cfg.data})
+        if isinstance(data, IterableDataset):
+            items = iter(data)
+        else:
+            items = (data[i] for i in range(len(data)))
+        readable = (s for s in items if s is not None)
+        batch = collate(list(itertools.islice(readable, tc.val_images)))
         if not batch["captions"]:
-            raise ValueError("no readable validation images")
-        n, size = len(batch["captions"]), batch["images"].shape[-1]
+            raise ValueError("no readable validation samples")
         g = torch.Generator().manual_seed(seed)
-        latent = size // 8  # refined on first use for other autoencoder factors
-        timesteps = torch.randint(0, 1000, (tc.val_pairs, n), generator=g)
-        noise = torch.randn(tc.val_pairs, n, 4, latent, latent, generator=g)
-        return cls(batch["images"], batch["captions"], timesteps, noise, tc.sample_steps)
+        timesteps = torch.randint(0, 1000, (tc.val_pairs, len(batch["captions"])), generator=g)
+        return cls(
+            batch.get("images"),
+            batch.get("latents"),
+            batch["captions"],
+            timesteps,
+            tc.sample_steps,
+            seed,
+        )
 
-    def _noise_for(self, model: PerCo) -> torch.Tensor:
-        channels = model.autoencoder.latent_channels
-        side = self.images.shape[-1] // model.autoencoder.factor
-        if self.noise.shape[-3:] != (channels, side, side):
-            g = torch.Generator().manual_seed(1234)
-            self.noise = torch.randn(*self.noise.shape[:2], channels, side, side, generator=g)
-        return self.noise
+    def _noise(self, model: PerCo) -> torch.Tensor:
+        """``(P, N, C, s, s)`` noise for the model's latent shape, the same at every call."""
+        if self.latents is not None:
+            shape = self.latents.shape
+        else:
+            side = self.images.shape[-1] // model.autoencoder.factor
+            shape = (len(self.captions), model.autoencoder.latent_channels, side, side)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return torch.randn(len(self.timesteps), *shape, generator=g)
 
     @torch.no_grad()
     def loss(self, model: PerCo) -> float:
         """Mean diffusion loss over the fixed pairs (eval mode: no caption drop, no EMA)."""
         was_training = model.training
         model.eval()
-        noise = self._noise_for(model)
-        images = self.images.to(model.device)
+        images = None if self.images is None else self.images.to(model.device)
         total = 0.0
-        for t, n in zip(self.timesteps, noise, strict=True):
-            total += model(
-                images, self.captions, timesteps=t, noise=n.to(model.device)
-            ).diffusion.item()
+        for t, n in zip(self.timesteps, self._noise(model), strict=True):
+            out = model(
+                images, self.captions, latents=self.latents, timesteps=t, noise=n.to(model.device)
+            )
+            total += out.diffusion.item()
         model.train(was_training)
         return total / len(self.timesteps)
 
     @torch.no_grad()
     def reconstruct(self, model: PerCo, path: Path) -> None:
-        """Save originals (top row) above their reconstructions (bottom row)."""
+        """Save originals (top row) above their reconstructions (bottom row).
+
+        With latent data the originals are the autoencoder's decodings of the latents.
+        """
         was_training = model.training
         model.eval()
-        encoded = model.encode(self.images.to(model.device), self.captions)
-        recon = torch.stack(model.decode(encoded, steps=self.sample_steps, seed=0)).cpu()
+        if self.images is not None:
+            originals = self.images.to(model.device)
+        else:
+            decoded = model.autoencoder.decode(self.latents.to(model.device)).float()
+            originals = ((decoded + 1) / 2).clamp(0, 1)
+        encoded = model.encode(originals, self.captions)
+        recon = torch.stack(model.decode(encoded, steps=self.sample_steps, seed=0))
         model.train(was_training)
-        grid = torch.cat(
-            [torch.cat(list(self.images), dim=-1), torch.cat(list(recon), dim=-1)], dim=-2
-        )
-        save_image(grid, path)
+        top, bottom = torch.cat(list(originals.cpu()), dim=-1), torch.cat(list(recon.cpu()), dim=-1)
+        save_image(torch.cat([top, bottom], dim=-2), path)
