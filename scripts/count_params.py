@@ -95,8 +95,9 @@ def trainable_shares(rate: str = "r0.0019") -> None:
     print(f"PerCo on SD 2.1 at {rate}: trainable parameters per mode")
     print("| mode | trainable | of all | share | U-Net share trained |")
     print("|---|---|---|---|---|")
-    for mode in ("linear", "full", "none"):
-        model.set_trainable(mode)
+    for mode in ("linear", "full", "none", "lora"):  # lora last: its adapters stay
+        with torch.device("meta"):
+            model.set_trainable(mode)  # lora: rank-16 adapters on the attention projections
         r = trainable_report(model)
         print(
             f"| {mode} | {r['trainable_params']:,} | {r['total_params']:,} "

@@ -124,10 +124,10 @@ def test_train_yaml_holds_only_a_defaults_list():
 
 
 # -- trainable modes -----------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["linear", "full", "none"])
+@pytest.mark.parametrize("mode", ["linear", "full", "lora", "none"])
 def test_exactly_the_trainable_parameters_receive_gradients(mode):
     model = tiny_perco("r0.0059").train()
-    model.set_trainable(mode)
+    model.set_trainable(mode, lora_rank=4)
     model(torch.rand(2, 3, 64, 64), ["a caption", None]).loss.backward()  # None: null text
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -436,3 +436,49 @@ def test_make_shards_script(photo_folder, tmp_path, capsys):
     assert main([str(tmp_path / "missing"), str(tmp_path / "x-%03d.tar")]) == 2
     latents = list(latent_shard_dataset(str(tmp_path / "lat-000.tar"), shuffle=0))
     assert len(latents) == 5 and latents[0]["latent"].shape == (4, 8, 8)
+
+
+def test_lora_resumes_exactly_and_exports_a_merged_model(photo_folder, tmp_path):
+    lora = ("trainable=lora", "trainable.options.lora_rank=4")
+    extra = ("trainer.checkpoint_every=2", "trainer.max_steps=4", *lora)
+    train(compose_train(*tiny_overrides(photo_folder, tmp_path / "a"), *extra))
+    train(
+        compose_train(
+            *tiny_overrides(photo_folder, tmp_path / "b"),
+            *lora,
+            "trainer.checkpoint_every=2",
+            "trainer.max_steps=2",
+        )
+    )
+    train(
+        compose_train(
+            *tiny_overrides(photo_folder, tmp_path / "b"), *extra, "trainer.resume=latest"
+        )
+    )
+    a = _weights(tmp_path / "a" / "tiny" / "r0.0059" / "model")
+    b = _weights(tmp_path / "b" / "tiny" / "r0.0059" / "model")
+    assert not any("lora" in k or "base_layer" in k for k in a)  # a plain, merged U-Net
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # merged weights differ from the untrained model's: the adapters learned something
+    fresh = tiny_perco("r0.0059").state_dict()
+    to_q = next(k for k in a if k.endswith("attn1.to_q.weight"))
+    assert not torch.allclose(a[to_q], fresh[to_q])
+
+
+def test_merged_lora_model_computes_what_the_adapted_one_did(tmp_path):
+    model = tiny_perco("r0.0059").eval()
+    model.set_trainable("lora", lora_rank=4)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a non-trivial adapter
+    images = torch.rand(1, 3, 64, 64)
+    g = torch.Generator().manual_seed(0)
+    t, noise = torch.tensor([500]), torch.randn(1, 4, 8, 8, generator=g)
+    before = model(images, ["x"], timesteps=t, noise=noise).diffusion
+    model.save_pretrained(tmp_path / "m")
+    merged = PerCo.from_pretrained(tmp_path / "m").eval()
+    assert not merged.has_lora and model.has_lora  # saving leaves the training model alone
+    after = merged(images, ["x"], timesteps=t, noise=noise).diffusion
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-6)

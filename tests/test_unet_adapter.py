@@ -95,3 +95,4 @@ def test_count_params_script_prints_the_measured_numbers(capsys):
     # PerCo on SD 2.1: linear mode trains the U-Net's linear layers plus the new parts
     assert "| linear | 308,305,952 | 1,296,841,739 | 23.8% | 34.9% |" in out
     assert "| none | 6,901,152 | 1,296,841,739 | 0.5% | 0.1% |" in out
+    assert "| lora | 10,220,960 | 1,300,161,547 | 0.8% | 0.5% |" in out  # rank 16

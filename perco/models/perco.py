@@ -17,6 +17,7 @@ scheduler says) plus the quantizer's commitment loss; the autoencoder is frozen.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -47,7 +48,7 @@ __all__ = ["PerCo", "PerCoConfig", "predicted_x0"]
 
 CONFIG_NAME = "perco.json"
 Condition = Literal["codes", "projected"]
-Trainable = Literal["linear", "full", "none"]
+Trainable = Literal["linear", "full", "lora", "none"]
 
 
 @dataclass
@@ -227,6 +228,11 @@ class PerCo(nn.Module):
         """Image sides are padded to a multiple of this (64 for SD at every rung)."""
         return self.autoencoder.factor * max(self.rate.downsample, self.unet_factor)
 
+    @property
+    def has_lora(self) -> bool:
+        """Whether the U-Net carries LoRA adapters (``set_trainable("lora")``)."""
+        return bool(getattr(self.unet, "peft_config", None))
+
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         """Size an image of ``height × width`` is padded to before encoding."""
         m = self.pad_multiple
@@ -391,16 +397,28 @@ class PerCo(nn.Module):
             x0=x0,
         )
 
-    def set_trainable(self, unet: Trainable = "linear") -> list[nn.Parameter]:
+    def set_trainable(self, unet: Trainable = "linear", lora_rank: int = 16) -> list[nn.Parameter]:
         """Freeze what the paper freezes and return the parameters to optimise.
 
         ``unet``: ``"linear"`` — the U-Net's ``nn.Linear`` layers (paper), ``"full"`` —
-        the whole U-Net (PerCo (SD)), ``"none"``. The autoencoder and text encoder are
-        frozen. Always trained: the hyper-encoder, the quantizer's projections, the
-        widened ``conv_in`` and a learned null text.
+        the whole U-Net (PerCo (SD)), ``"lora"`` — rank-``lora_rank`` adapters (peft) on
+        the attention projections, merged into the weights when saved, ``"none"``. The
+        autoencoder and text encoder are frozen. Always trained: the hyper-encoder, the
+        quantizer's projections, the widened ``conv_in`` and a learned null text.
         """
-        if unet not in ("linear", "full", "none"):
-            raise ValueError(f"unet must be 'linear', 'full' or 'none', got {unet!r}")
+        if unet not in ("linear", "full", "lora", "none"):
+            raise ValueError(f"unet must be 'linear', 'full', 'lora' or 'none', got {unet!r}")
+        if unet == "lora" and not self.has_lora:
+            from peft import LoraConfig
+
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_rank,
+                    init_lora_weights="gaussian",  # B = 0: training starts from the model
+                    target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                )
+            )
         self.requires_grad_(False)
         if unet == "full":
             self.unet.requires_grad_(True)
@@ -408,6 +426,9 @@ class PerCo(nn.Module):
             for m in self.unet.modules():
                 if isinstance(m, nn.Linear):
                     m.requires_grad_(True)
+        elif unet == "lora":
+            for name, p in self.unet.named_parameters():
+                p.requires_grad_("lora_" in name)
         for m in (self.hyper_encoder, self.quantizer, self.unet.conv_in, self.null_text):
             m.requires_grad_(True)
         return [p for p in self.parameters() if p.requires_grad]
@@ -510,7 +531,13 @@ class PerCo(nn.Module):
         try:
             self.autoencoder.save_pretrained(tmp / "autoencoder")
             for name in self._MODULES:
-                getattr(self, name).save_pretrained(tmp / name)
+                module = getattr(self, name)
+                if name == "unet" and self.has_lora:
+                    # a plain U-Net with the adapters merged in, loadable anywhere
+                    module = copy.deepcopy(module)
+                    module.fuse_lora()
+                    module.unload_lora()
+                module.save_pretrained(tmp / name)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.scheduler.save_pretrained(tmp / "scheduler")
             self._fingerprint = None

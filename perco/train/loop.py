@@ -112,6 +112,9 @@ def train(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
     from safetensors.torch import load_file, save_file
 
+    if cfg.trainable.mode == "lora":
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
     from ..data import collate
 
     tc = cfg.trainer
@@ -139,7 +142,7 @@ def train(cfg: DictConfig) -> dict:
     set_seed(tc.seed)  # the same initial weights on every rank
 
     model: PerCo = instantiate(cfg.model, _convert_="all")
-    params = model.set_trainable(cfg.trainable.mode)
+    params = model.set_trainable(cfg.trainable.mode, **cfg.trainable.get("options", {}))
     shares = trainable_report(model)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
@@ -184,6 +187,13 @@ def train(cfg: DictConfig) -> dict:
             folder = Path(output_dir)
             accelerator.unwrap_model(models[0]).save_pretrained(folder / "perco")
             (folder / "train_state.json").write_text(json.dumps(asdict(state)))
+            unet = accelerator.unwrap_model(models[0]).unet
+            if getattr(unet, "peft_config", None):  # perco/ holds merged weights: keep adapters
+                lora = get_peft_model_state_dict(unet)
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in lora.items()},
+                    folder / "lora.safetensors",
+                )
             if ema is not None:
                 shadow = {
                     str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)
@@ -195,8 +205,13 @@ def train(cfg: DictConfig) -> dict:
     def load_hook(models, input_dir):
         folder = Path(input_dir)
         target = accelerator.unwrap_model(models.pop())
-        loaded = PerCo.from_pretrained(folder / "perco")
-        target.load_state_dict(loaded.state_dict())
+        loaded = PerCo.from_pretrained(folder / "perco").state_dict()
+        own = target.state_dict()
+        # with LoRA the saved U-Net is merged: its adapted layers appear in `own` only as
+        # frozen `base_layer`s (pretrained, unchanged) plus adapters, loaded below
+        target.load_state_dict({k: v for k, v in loaded.items() if k in own}, strict=False)
+        if target.has_lora:
+            set_peft_model_state_dict(target.unet, load_file(folder / "lora.safetensors"))
         state.__dict__.update(json.loads((folder / "train_state.json").read_text()))
         if ema is not None:
             shadow = load_file(folder / "ema.safetensors")
