@@ -95,18 +95,6 @@ def _decode(sample: dict) -> dict | None:
 
 def latent_shard_dataset(urls: str | list[str], shuffle: int = 1000, seed: int = 0):
     """Read shards written by :func:`write_latent_shards`, split across ranks and workers."""
-    import random
+    from .shards import sample_stream
 
-    import webdataset as wds
-
-    dataset = wds.WebDataset(
-        urls,
-        handler=wds.warn_and_continue,
-        shardshuffle=100 if shuffle else False,
-        nodesplitter=wds.split_by_node,
-        seed=seed,
-        empty_check=False,
-    )
-    if shuffle:
-        dataset = dataset.shuffle(shuffle, rng=random.Random(seed))
-    return dataset.map(_decode)
+    return sample_stream(urls, shuffle, seed).map(_decode)

@@ -94,11 +94,18 @@ def shard_dataset(
     shuffle: int = 1000,
     seed: int = 0,
 ):
-    """An iterable dataset over shards (brace patterns such as ``shard-{000..099}.tar``).
+    """An iterable dataset over shards (brace patterns such as ``shard-{000..099}.tar``)."""
+    return sample_stream(urls, shuffle, seed).map(_decoder(crop_size, seed, random_crop, flip))
 
-    Shards are split across ranks and dataloader workers; the shard order and the sample
-    buffer are shuffled with ``seed``.
+
+def sample_stream(urls: str | list[str], shuffle: int, seed: int):
+    """The raw samples of shards, split across ranks and dataloader workers.
+
+    Unreadable shards and samples are skipped with a warning. With ``shuffle`` the shard
+    order and a buffer of that many samples are shuffled with ``seed``.
     """
+    import random
+
     import webdataset as wds
 
     dataset = wds.WebDataset(
@@ -110,5 +117,5 @@ def shard_dataset(
         empty_check=False,
     )
     if shuffle:
-        dataset = dataset.shuffle(shuffle, rng=__import__("random").Random(seed))
-    return dataset.map(_decoder(crop_size, seed, random_crop, flip))
+        dataset = dataset.shuffle(shuffle, rng=random.Random(seed))
+    return dataset
