@@ -11,7 +11,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import bitstream
@@ -75,12 +74,6 @@ def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
     )
 
 
-def _pad_edges(indices: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
-    """Coded ``(h, w)`` indices → the padded ``grid``, repeating the edge cells."""
-    h, w = indices.shape
-    return torch.from_numpy(np.pad(indices, ((0, grid[0] - h), (0, grid[1] - w)), mode="edge"))
-
-
 @dataclass
 class _Item:
     position: int
@@ -107,13 +100,16 @@ def decompress(
     for i, image in enumerate(images):
         groups[model.padded_size(*image.size)].append(_Item(i, image))
     results: list[torch.Tensor | None] = [None] * len(images)
-    cell = model.autoencoder.factor * model.rate.downsample
     for padded, items in groups.items():
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            grid = (padded[0] // cell, padded[1] // cell)
+            # files of one group may code different grids: bring each to the padded grid
+            indices = [
+                model.pad_indices(torch.from_numpy(it.image.indices)[None], padded)[0]
+                for it in batch
+            ]
             encoded = EncodedImages(
-                indices=torch.stack([_pad_edges(it.image.indices, grid) for it in batch]),
+                indices=torch.stack(indices),
                 captions=[it.image.caption for it in batch],
                 sizes=[it.image.size for it in batch],
                 padded_size=padded,

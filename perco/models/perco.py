@@ -297,7 +297,7 @@ class PerCo(nn.Module):
             images = F.pad(images, (0, pw - w, 0, ph - h), mode="replicate")
         return images
 
-    def _pad_indices(self, indices: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
+    def pad_indices(self, indices: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
         """Extend coded indices ``(B, h, w)`` to the padded grid by repeating edge cells.
 
         Cells past the image's cells cover only padding, which is cropped away after
@@ -496,7 +496,7 @@ class PerCo(nn.Module):
         if generator is None:
             generator = [torch.Generator().manual_seed(seed) for _ in range(b)]
         latent_size = tuple(s // self.autoencoder.factor for s in encoded.padded_size)
-        indices = self._pad_indices(encoded.indices.to(self.device), encoded.padded_size)
+        indices = self.pad_indices(encoded.indices.to(self.device), encoded.padded_size)
         spatial = self._spatial(self.quantizer.lookup(indices), latent_size)
         with stage(timer, "text encoding"):
             text = self._text(encoded.captions)

@@ -182,23 +182,20 @@ def train(cfg: DictConfig) -> dict:
 
     state = TrainState()
 
+    def save(tensors: dict, path: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+
     def save_hook(models, weights, output_dir):
         if main:
             folder = Path(output_dir)
-            accelerator.unwrap_model(models[0]).save_pretrained(folder / "perco")
+            perco = accelerator.unwrap_model(models[0])
+            perco.save_pretrained(folder / "perco")
             (folder / "train_state.json").write_text(json.dumps(asdict(state)))
-            unet = accelerator.unwrap_model(models[0]).unet
-            if getattr(unet, "peft_config", None):  # perco/ holds merged weights: keep adapters
-                lora = get_peft_model_state_dict(unet)
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in lora.items()},
-                    folder / "lora.safetensors",
-                )
+            if perco.has_lora:  # perco/ holds merged weights: keep the adapters apart
+                save(get_peft_model_state_dict(perco.unet), folder / "lora.safetensors")
             if ema is not None:
-                shadow = {
-                    str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)
-                }
-                save_file(shadow, folder / "ema.safetensors")
+                shadow = {str(i): p for i, p in enumerate(ema.shadow_params)}
+                save(shadow, folder / "ema.safetensors")
         if weights:
             weights.pop()  # saved above as a PerCo folder
 
