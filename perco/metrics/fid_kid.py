@@ -90,9 +90,14 @@ def hific_patches(images: torch.Tensor, size: int = 256) -> torch.Tensor:
     for offset in (0, size // 2):
         x = images[..., offset:, offset:]
         rows, cols = x.shape[-2] // size, x.shape[-1] // size
+        if rows * cols == 0:
+            continue
         x = x[..., : rows * size, : cols * size]
         x = x.unfold(2, size, size).unfold(3, size, size)  # B, 3, rows, cols, size, size
         out.append(x.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], size, size))
+    if not out:
+        h, w = images.shape[-2:]
+        raise ValueError(f"a {w}x{h} image holds no {size}-px FID patch (set the patch size)")
     return torch.cat(out)
 
 
@@ -125,11 +130,13 @@ def fid_kid(
     dim = real.shape[1]
     n = min(len(real), len(fake))
     subset = min(kid_subset_size, n)
-    fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False)
+    # every feature is already here (gathered in image order): no cross-process sync
+    local = {"sync_on_compute": False}
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False, **local)
     with warnings.catch_warnings():  # "KID keeps all features": they are already in memory
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(
-            feature=_Precomputed(dim), subsets=kid_subsets, subset_size=subset
+            feature=_Precomputed(dim), subsets=kid_subsets, subset_size=subset, **local
         )
     for metric in (fid, kid):
         metric.update(real.double(), real=True)

@@ -1,0 +1,555 @@
+"""``perco-eval``: dataset → real bitstreams → reconstructions → per-image CSV + results JSON.
+
+    perco-eval model=runs/tiny rate=r0.0059 dataset=kodak metrics=offline
+    accelerate launch --multi_gpu --num_processes 8 -m perco.evaluate \
+        model=runs/paper rate=r0.0019 dataset=coco30k
+    perco-eval -m model=runs/paper 'rate=glob(*)' dataset=coco30k      # one job per rung
+
+Every image is compressed to a real ``.perco`` file (``bpp_file`` from its bytes,
+``bpp_payload`` from its index and caption bits), parsed back and decoded once per step
+count and sample. Reconstruction ``k`` of image ``id`` is seeded from ``(seed, id, k)``,
+images are sharded across processes without padding and grouped by size, and
+dataset-level scores (FID/KID, mIoU) are computed from per-image cached features and
+counts in image order, so results do not depend on the number of processes. Per-image
+results are cached under ``<out>/cache``; a rerun skips finished images.
+
+Outputs in ``<output_dir>/<rate>/``: ``per_image.csv``, ``results.json`` (CompressAI's
+``{name, description, results: {bpp: [...], ...}}`` plus the protocol), ``plot.png``,
+``grid.png`` and, optionally, every reconstruction as PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from itertools import combinations
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import codec
+from .data.eval_sets import EvalSet
+from .io import atomic_write, save_image
+from .metrics import LPIPSDistance, colour_stats, fid_kid, hific_patches, ms_ssim, psnr
+from .metrics.miou import intersections_unions, mean_iou
+from .models.perco import PerCo
+
+__all__ = ["EvalSettings", "Backbones", "evaluate", "reconstruction_seed", "main"]
+
+log = logging.getLogger("perco.eval")
+
+CEILING = "autoencoder"
+PER_IMAGE_METRICS = (
+    "psnr",
+    "ms_ssim",
+    "lpips",
+    "clip_text",
+    "clip_image",
+    "delta_e2000",
+    "mean_shift_r",
+    "mean_shift_g",
+    "mean_shift_b",
+    "std_shift_r",
+    "std_shift_g",
+    "std_shift_b",
+    "diversity_lpips",
+)
+
+
+@dataclass
+class EvalSettings:
+    """What to decode and how; every field is recorded in the results' protocol."""
+
+    samples: int = 1
+    steps: list[int | None] = field(default_factory=lambda: [None])
+    guidance: str | None = None
+    guidance_scale: float | None = None
+    captions: str = "ground-truth"  # ground-truth | none | a captions file
+    seed: int = 0
+    ceiling: bool = True
+    batch_size: int = 4
+    fid_variant: str = "whole"  # whole | patches
+    patch_size: int = 256
+    kid_subset_size: int = 1000
+    save_reconstructions: bool = False
+    grid_images: int = 6
+
+
+@dataclass
+class Backbones:
+    """Pretrained networks behind the metrics; ``None`` turns a metric off."""
+
+    lpips: LPIPSDistance
+    features: torch.nn.Module | None = None
+    clip: torch.nn.Module | None = None
+    segmenter: torch.nn.Module | None = None
+
+    def describe(self) -> dict:
+        def name(m):
+            return None if m is None else getattr(m, "name", type(m).__name__)
+
+        return {
+            "lpips": f"lpips v0.1 {self.lpips.net}",
+            "fid_features": name(self.features),
+            "clip": name(self.clip),
+            "segmenter": name(self.segmenter),
+        }
+
+
+def reconstruction_seed(seed: int, image_id: str, sample: int) -> int:
+    """The sampler seed of reconstruction ``sample`` of ``image_id`` (63 bits)."""
+    digest = hashlib.sha256(f"{seed}/{image_id}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _series(steps: int | None, model: PerCo) -> str:
+    return f"steps={steps or model.rate.steps}"
+
+
+def _quantize(images: torch.Tensor) -> torch.Tensor:
+    """What a saved 8-bit PNG holds: every metric sees exactly that."""
+    return images.clamp(0, 1).mul(255).round().div(255)
+
+
+@dataclass
+class _ImageResult:
+    """One image's rows (one per series and sample), FID features and mIoU counts."""
+
+    rows: list[dict] = field(default_factory=list)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    segmentation: dict[str, dict] = field(default_factory=dict)
+
+
+class _Evaluator:
+    """Evaluates batches of same-size images and caches each image's results."""
+
+    def __init__(self, model, data, settings, backbones, out, keep: set[str]):
+        self.model, self.data, self.s, self.b, self.out = model, data, settings, backbones, out
+        self.keep = keep  # ids whose reconstructions are saved as PNG
+        self.file_captions = {}
+        if settings.captions not in ("ground-truth", "none"):
+            from .io import read_captions
+
+            self.file_captions = read_captions(settings.captions)
+        self.device = model.device
+
+    def captions_for(self, item: dict) -> tuple[str | None, str | None]:
+        """(conditioning caption, ground-truth caption CLIP text–image is scored with):
+        the scoring caption is never the conditioning one."""
+        gt = item["captions"]
+        if self.s.captions == "none":
+            return None, gt[0] if gt else None
+        if self.s.captions == "ground-truth":
+            return (gt[0] if gt else None), (gt[1] if len(gt) > 1 else None)
+        caption = self.file_captions.get(item["id"])
+        return caption, next((c for c in gt if c != caption), None)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """FID features per image: one vector, or one per HiFiC patch."""
+        if self.s.fid_variant == "patches":
+            per = hific_patches(images[:1], self.s.patch_size).shape[0]
+            images = hific_patches(images, self.s.patch_size)
+        else:
+            per = 1
+        return list(self.b.features(images.to(self.device)).float().cpu().split(per))
+
+    def measure(self, x, y, scored, labels) -> tuple[list[dict], list]:
+        """Per-image metrics and mIoU counts of reconstructions ``y`` of ``x``."""
+        x, y = x.to(self.device), y.to(self.device)
+        values = {"psnr": psnr(x, y), "ms_ssim": ms_ssim(x, y), "lpips": self.b.lpips(x, y)}
+        values.update(colour_stats(x, y))
+        if self.b.clip is not None:
+            values["clip_image"] = self.b.clip.image_image(x, y)
+            text = torch.full((len(x),), float("nan"))
+            idx = [i for i, c in enumerate(scored) if c]
+            if idx:
+                text[idx] = self.b.clip.text_image(y[idx], [scored[i] for i in idx]).cpu()
+            values["clip_text"] = text
+        rows = [{k: float(v[i]) for k, v in values.items()} for i in range(len(x))]
+        counts = [None] * len(x)
+        if self.b.segmenter is not None and any(lab is not None for lab in labels):
+            pred = self.b.segmenter(y).cpu()
+            table = self.b.segmenter.class_map(self.data.label_names)
+            for i, lab in enumerate(labels):
+                if lab is not None:
+                    counts[i] = intersections_unions(table[pred[i]], lab)
+        return rows, counts
+
+    def autoencode(self, images: torch.Tensor) -> torch.Tensor:
+        """The autoencoder-only ceiling: encode and decode the (padded) images."""
+        h, w = images.shape[-2:]
+        ph, pw = self.model.padded_size(h, w)
+        x = F.pad(images.to(self.device), (0, pw - w, 0, ph - h), mode="replicate")
+        ae = self.model.autoencoder
+        with torch.no_grad():
+            y = (ae.decode(ae.encode(x * 2 - 1)).float() + 1) / 2
+        return y[..., :h, :w].cpu()
+
+    def run(self, items: list[dict]) -> None:
+        x = torch.stack([it["image"] for it in items])
+        captions = [self.captions_for(it) for it in items]
+        scored = [s for _, s in captions]
+        labels = [it["labels"] for it in items]
+        results = {it["id"]: _ImageResult() for it in items}
+        if self.b.features is not None:
+            for it, f in zip(items, self.features(x), strict=True):
+                results[it["id"]].features["real"] = f
+
+        files = codec.compress(self.model, x.to(self.device), [c for c, _ in captions])
+        parsed = [codec.parse(self.model, data)[0] for data, _ in files]
+        for steps in self.s.steps:
+            series, samples = _series(steps, self.model), []
+            for k in range(self.s.samples):
+                seeded = [
+                    replace(p, seed=reconstruction_seed(self.s.seed, it["id"], k))
+                    for p, it in zip(parsed, items, strict=True)
+                ]
+                y = codec.decompress(
+                    self.model,
+                    seeded,
+                    batch_size=self.s.batch_size,
+                    steps=steps,
+                    guidance=self.s.guidance,
+                    guidance_scale=self.s.guidance_scale,
+                )
+                y = _quantize(torch.stack(y).cpu())
+                self._record(series, k, items, x, y, scored, labels, results, files)
+                samples.append(y)
+            if len(samples) > 1:
+                self._diversity(series, samples, items, results)
+        if self.s.ceiling:
+            y = _quantize(self.autoencode(x))
+            self._record(CEILING, 0, items, x, y, scored, labels, results, None)
+        for it in items:
+            self._write_cache(it["id"], results[it["id"]])
+
+    def _record(self, series, k, items, x, y, scored, labels, results, files) -> None:
+        metrics, counts = self.measure(x, y, scored, labels)
+        fake = self.features(y) if self.b.features is not None else None
+        for i, it in enumerate(items):
+            result = results[it["id"]]
+            row = {"id": it["id"], "series": series, "sample": k, "height": x.shape[-2],
+                   "width": x.shape[-1]}  # fmt: skip
+            if files is not None:
+                b = files[i][1]
+                row.update(bytes=b.file_bytes, bpp_file=b.bpp_file, bpp_payload=b.bpp_payload,
+                           caption_bits=b.caption_bits)  # fmt: skip
+            row.update(metrics[i])
+            result.rows.append(row)
+            if fake is not None:
+                result.features[f"{series}/{k}"] = fake[i]
+            if counts[i] is not None:
+                result.segmentation[f"{series}/{k}"] = counts[i]
+            if it["id"] in self.keep:
+                save_image(y[i], self.out / "reconstructions" / series / f"{it['id']}_{k}.png")
+
+    def _diversity(self, series, samples, items, results) -> None:
+        """Mean pairwise LPIPS between an image's samples (paper Fig. 6), on its rows."""
+        pairs = list(combinations(range(len(samples)), 2))
+        d = [self.b.lpips(samples[a].to(self.device), samples[b].to(self.device)) for a, b in pairs]
+        total = (sum(d) / len(pairs)).cpu()
+        for i, it in enumerate(items):
+            for row in results[it["id"]].rows:
+                if row["series"] == series:
+                    row["diversity_lpips"] = float(total[i])
+
+    def _write_cache(self, image_id: str, result: _ImageResult) -> None:
+        """Features first, the JSON last: a JSON file marks a finished image."""
+        cache = self.out / "cache"
+        if result.features:
+            tensors = {k: v.contiguous() for k, v in result.features.items()}
+            atomic_write(cache / f"{image_id}.safetensors", lambda tmp: save_file(tensors, tmp))
+        doc = json.dumps({"rows": result.rows, "segmentation": result.segmentation})
+        atomic_write(cache / f"{image_id}.json", lambda tmp: Path(tmp).write_text(doc))
+
+
+def _load_cache(out: Path, image_id: str) -> _ImageResult:
+    doc = json.loads((out / "cache" / f"{image_id}.json").read_text())
+    features = out / "cache" / f"{image_id}.safetensors"
+    segmentation = {
+        series: {int(c): v for c, v in counts.items()}
+        for series, counts in doc["segmentation"].items()
+    }
+    return _ImageResult(
+        doc["rows"], load_file(features) if features.is_file() else {}, segmentation
+    )
+
+
+# -- the run ------------------------------------------------------------------------------
+def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Backbones) -> dict:
+    """Everything a results table must state (DESIGN: evaluation protocol)."""
+    sched = model.scheduler.config
+    return {
+        **data.describe(),
+        "rate": model.rate.name,
+        "model_fingerprint": model.fingerprint.hex(),
+        "scheduler": f"{type(model.scheduler).__name__} ({sched.prediction_type}, "
+        f"{sched.timestep_spacing} spacing)",
+        "steps": [s or model.rate.steps for s in settings.steps],
+        "guidance": settings.guidance or model.config.guidance,
+        "guidance_scale": model.config.guidance_scale
+        if settings.guidance_scale is None
+        else settings.guidance_scale,
+        "captions": settings.captions,
+        "seed": settings.seed,
+        "seeding": "sha256(seed/image id/sample index)",
+        "samples_per_image": settings.samples,
+        "fid_variant": f"patches {settings.patch_size}px, HiFiC grid + half-shifted grid"
+        if settings.fid_variant == "patches"
+        else "whole image",
+        "kid_subset_size_max": settings.kid_subset_size,
+        "autoencoder_ceiling": settings.ceiling,
+        **backbones.describe(),
+        "metrics_on": "8-bit reconstructions (as saved to PNG)",
+    }
+
+
+def evaluate(
+    model: PerCo,
+    data: EvalSet,
+    settings: EvalSettings,
+    backbones: Backbones,
+    out_dir: str | os.PathLike,
+    name: str = "perco",
+) -> dict | None:
+    """Run (or resume) an evaluation; the main process returns the results document."""
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    state = PartialState()
+    out = Path(out_dir)
+    proto = protocol(model, data, settings, backbones)
+    _check_cache(out, proto, state)
+
+    ids = [it.id for it in data.items]
+    keep = set(ids) if settings.save_reconstructions else set(ids[: settings.grid_images])
+    pending = [
+        i for i, image_id in enumerate(ids) if not (out / "cache" / f"{image_id}.json").is_file()
+    ]
+    mine = pending[state.process_index :: state.num_processes]  # no padding duplicates
+    groups = defaultdict(list)
+    for i in mine:
+        groups[data.image_size(i)].append(i)
+
+    evaluator = _Evaluator(model, data, settings, backbones, out, keep)
+    bar = tqdm(total=len(mine), desc="perco-eval", unit="img", disable=not state.is_main_process)
+    for indices in groups.values():
+        for start in range(0, len(indices), settings.batch_size):
+            chunk = indices[start : start + settings.batch_size]
+            evaluator.run([data[i] for i in chunk])
+            bar.update(len(chunk))
+    bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    return _write_outputs(out, data, settings, proto, name, model)
+
+
+def _check_cache(out: Path, proto: dict, state) -> None:
+    """A cache made under another protocol would mix results: refuse to resume it."""
+    path = out / "cache" / "protocol.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        changed = sorted(k for k in set(cached) | set(proto) if cached.get(k) != proto.get(k))
+        if changed:
+            raise ValueError(
+                f"{out}/cache was made with different settings ({', '.join(changed)}); "
+                "use another output_dir or delete it"
+            )
+    elif state.is_main_process:
+        text = json.dumps(proto, indent=1)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    state.wait_for_everyone()
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def summarise(results: dict[str, _ImageResult], settings: EvalSettings, series: str) -> dict:
+    """Dataset-level numbers of one series, from per-image results in image order."""
+    rows = [r for res in results.values() for r in res.rows if r["series"] == series]
+    out = {"images": len({r["id"] for r in rows}), "reconstructions": len(rows)}
+    for key in ("bpp_file", "bpp_payload", "bytes", "caption_bits", *PER_IMAGE_METRICS):
+        if any(key in r for r in rows):
+            out[key] = _mean([r.get(key) for r in rows])
+    fakes = [
+        f for res in results.values() for k, f in res.features.items() if k.startswith(series + "/")
+    ]
+    if fakes:
+        real = torch.cat([res.features["real"] for res in results.values()])
+        scores = fid_kid(real, torch.cat(fakes), settings.kid_subset_size, seed=settings.seed)
+        out.update(scores)
+    counts = [
+        c
+        for res in results.values()
+        for k, c in res.segmentation.items()
+        if k.startswith(series + "/")
+    ]
+    if counts:
+        out["miou"] = mean_iou(counts)
+    return out
+
+
+def _write_outputs(out, data, settings, proto, name, model) -> dict:
+    ids = [it.id for it in data.items]
+    results = {image_id: _load_cache(out, image_id) for image_id in ids}
+    rows = [r for image_id in ids for r in results[image_id].rows]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(out / "per_image.csv", write_csv)
+
+    steps = proto["steps"]
+    series = [f"steps={s}" for s in steps]
+    summaries = [summarise(results, settings, s) for s in series]
+    keys = list(dict.fromkeys(k for s in summaries for k in s))
+    doc = {
+        "name": name,
+        "description": f"{name} at {model.rate.name} on {data.name} "
+        f"({proto['images']} images, {proto['transform']})",
+        "protocol": proto,
+        "results": {
+            "rate": [model.rate.name] * len(series),
+            "steps": steps,
+            "bpp": [s.get("bpp_file") for s in summaries],
+            **{k: [s.get(k) for s in summaries] for k in keys},
+        },
+    }
+    if settings.ceiling:
+        doc["autoencoder_ceiling"] = summarise(results, settings, CEILING)
+    dims = next((f.shape[-1] for r in results.values() for f in r.features.values()), None)
+    if dims is not None and summaries[0].get("fid_samples", dims) < dims:
+        doc["fid_note"] = (
+            f"{summaries[0]['fid_samples']} samples for {dims}-d features: the covariances "
+            "are singular and FID/KID are indicative only"
+        )
+    text = json.dumps(doc, indent=1, allow_nan=True)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
+
+    from .plot import plot_results, reconstruction_grid
+
+    plot_results([doc], out / "plot.png", reference=data.name)
+    grid = reconstruction_grid(data, out, series + ([CEILING] if settings.ceiling else []),
+                               ids[: settings.grid_images])  # fmt: skip
+    if grid is not None:
+        save_image(grid, out / "grid.png")
+    print(format_table(doc))
+    return doc
+
+
+def format_table(doc: dict) -> str:
+    """The results as a plain-text table: one line per series, ceiling last."""
+    cols = ["bpp", "bpp_payload", "psnr", "ms_ssim", "lpips", "delta_e2000", "clip_text",
+            "clip_image", "fid", "kid", "miou", "diversity_lpips"]  # fmt: skip
+    res = doc["results"]
+    cols = [c for c in cols if c in res or c in doc.get("autoencoder_ceiling", {})]
+    lines = [f"{doc['description']}", f"{'series':<14}" + "".join(f"{c:>12}" for c in cols)]
+
+    def cell(v):
+        return f"{v:>12.4f}" if isinstance(v, float) and v == v else f"{'-':>12}"
+
+    for i, steps in enumerate(res["steps"]):
+        lines.append(
+            f"{f'steps={steps}':<14}" + "".join(cell(res.get(c, [None] * 99)[i]) for c in cols)
+        )
+    if "autoencoder_ceiling" in doc:
+        ceiling = doc["autoencoder_ceiling"]
+        lines.append(f"{CEILING:<14}" + "".join(cell(ceiling.get(c)) for c in cols))
+    return "\n".join(lines)
+
+
+# -- command line --------------------------------------------------------------------------
+def load_backbones(cfg, device) -> Backbones:
+    """Backbones from a ``metrics`` config (see configs/metrics/)."""
+    from .metrics.fid_kid import load_extractor
+
+    lpips = LPIPSDistance(cfg.lpips.net, cfg.lpips.backbone)
+    features = None
+    if cfg.get("features"):
+        features = load_extractor(cfg.features.name, cfg.features.get("weights"))
+    clip = segmenter = None
+    if cfg.get("clip"):
+        from .metrics.clip_score import ClipScorer
+
+        clip = ClipScorer.from_pretrained(cfg.clip.model, cfg.clip.pretrained)
+    if cfg.get("segmenter"):
+        from .metrics.miou import Segmenter
+
+        segmenter = Segmenter.from_pretrained(cfg.segmenter)
+    backbones = Backbones(lpips, features, clip, segmenter)
+    for module in (lpips, features, clip, segmenter):
+        if module is not None:
+            module.to(device)
+    return backbones
+
+
+def run(cfg) -> dict | None:
+    """Everything ``perco-eval`` does, from a resolved config."""
+    from accelerate import PartialState
+
+    from .cli._common import load_model
+    from .data.eval_sets import load_eval_set
+
+    state = PartialState()
+    device = torch.device(cfg.device) if cfg.device else state.device
+    ds = cfg.dataset
+    data = load_eval_set(
+        ds.kind, ds.root, name=ds.name, captions=ds.captions, transform=ds.transform,
+        size=ds.size, limit=cfg.eval.limit,
+    )  # fmt: skip
+    model = load_model(str(cfg.model), cfg.rate).to(device)
+    settings = EvalSettings(
+        samples=cfg.eval.samples,
+        steps=list(cfg.eval.steps),
+        guidance=cfg.eval.guidance,
+        guidance_scale=cfg.eval.guidance_scale,
+        captions=str(cfg.eval.captions),
+        seed=cfg.eval.seed,
+        ceiling=cfg.eval.ceiling,
+        batch_size=cfg.eval.batch_size,
+        fid_variant=ds.fid_variant,
+        patch_size=cfg.metrics.patch_size,
+        kid_subset_size=cfg.metrics.kid_subset_size,
+        save_reconstructions=cfg.eval.save_reconstructions,
+        grid_images=cfg.eval.grid_images,
+    )
+    backbones = load_backbones(cfg.metrics, device)
+    out = Path(cfg.output_dir) / model.rate.name
+    return evaluate(model, data, settings, backbones, out, name=cfg.name)
+
+
+def main() -> None:
+    import sys
+
+    import hydra
+
+    config_dir = str(Path(__file__).resolve().parents[1] / "configs")
+
+    @hydra.main(version_base="1.3", config_path=config_dir, config_name="eval")
+    def _main(cfg) -> None:
+        try:
+            run(cfg)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"perco-eval: error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

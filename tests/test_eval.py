@@ -1,0 +1,210 @@
+"""perco-eval end to end on tiny models, the evaluation sets, and the tiny backbones."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+
+from perco.data.coco import prepare_coco
+from perco.data.eval_sets import coco30k_files, kodak, load_eval_set, prepared_coco
+from perco.evaluate import reconstruction_seed, run
+from perco.io import save_image
+from perco.plot import main as plot_main
+
+CONFIGS = str(ROOT / "configs")
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Three small photos of two sizes (an odd count, grouped by size) with captions."""
+    folder = tmp_path / "photos"
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate([(176, 192), (192, 176), (176, 192)]):
+        save_image(torch.rand(3, h, w, generator=g), folder / f"p{i}.png")
+    (folder / "captions.tsv").write_text("p0\ta red square\np2\tgrey noise\n")
+    return folder
+
+
+def config(photos, out, *extra):
+    overrides = [
+        "dataset=folder",
+        f"dataset.root={photos}",
+        f"dataset.captions={photos / 'captions.tsv'}",
+        "metrics=offline",
+        "metrics.patch_size=64",
+        f"output_dir={out}",
+        "eval.steps=[2]",
+        "eval.batch_size=2",
+        "eval.grid_images=2",
+        *extra,
+    ]
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
+        return compose("eval", overrides=overrides)
+
+
+def assert_close(a: dict, b: dict) -> None:
+    """Same results up to float rounding (a batch's composition changes the last bits)."""
+    assert a.keys() == b.keys()
+    for key, values in a.items():
+        if key == "rate":
+            assert values == b[key]
+        elif key in ("fid", "kid", "kid_std"):
+            # 30 patches of 256-d features: a singular covariance amplifies the rounding of
+            # a few 8-bit pixels (the results carry a note saying FID is indicative here)
+            assert values == pytest.approx(b[key], rel=0.1, abs=0.05), key
+        else:
+            assert values == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_eval_writes_csv_json_plot_and_grid_and_resumes(photos, tmp_path, assets):
+    out = tmp_path / "eval"
+    doc = run(config(photos, out, "eval.samples=2", "eval.steps=[2,3]"))
+    folder = out / "r0.0019"
+    for name in ("per_image.csv", "results.json", "plot.png", "grid.png"):
+        assert (folder / name).is_file(), name
+    rows = list(csv.DictReader((folder / "per_image.csv").open()))
+    # 3 images x (2 step counts x 2 samples + the autoencoder ceiling)
+    assert len(rows) == 15
+    coded = [r for r in rows if r["series"] != "autoencoder"]
+    assert all(float(r["bpp_file"]) > float(r["bpp_payload"]) > 0 for r in coded)
+    assert {r["series"] for r in rows} == {"steps=2", "steps=3", "autoencoder"}
+    assert all(float(r["diversity_lpips"]) > 0 for r in coded)
+    assert json.loads((folder / "results.json").read_text()) == json.loads(json.dumps(doc))
+    res = doc["results"]
+    assert res["steps"] == [2, 3] and len(res["bpp"]) == 2 and len(res["fid"]) == 2
+    assert doc["protocol"]["fid_features"].startswith("alexnet")
+    assert doc["protocol"]["images"] == 3 and doc["autoencoder_ceiling"]["psnr"] > 0
+    assert "indicative" in doc["fid_note"]
+
+    # a rerun decodes nothing that is cached: drop one image's cache entry
+    cache = folder / "cache"
+    kept = {p: p.stat().st_mtime_ns for p in cache.glob("p[01].json")}
+    (cache / "p2.json").unlink()
+    again = run(config(photos, out, "eval.samples=2", "eval.steps=[2,3]"))
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert (cache / "p2.json").is_file()
+    assert_close(again["results"], doc["results"])  # p2 decoded alone: float rounding only
+
+    with pytest.raises(ValueError, match="different settings"):
+        run(config(photos, out, "eval.steps=[4]"))
+
+
+def test_results_do_not_depend_on_batching_and_seeds_are_per_reconstruction(
+    photos, tmp_path, assets
+):
+    a = run(config(photos, tmp_path / "a", "eval.batch_size=1", "eval.ceiling=false"))
+    b = run(config(photos, tmp_path / "b", "eval.batch_size=3", "eval.ceiling=false"))
+    assert_close(a["results"], b["results"])
+    seeds = {reconstruction_seed(0, i, k) for i in ("p0", "p1") for k in (0, 1)}
+    assert len(seeds) == 4 and reconstruction_seed(0, "p0", 0) == reconstruction_seed(0, "p0", 0)
+
+
+def test_bad_dataset_is_a_one_line_error(tmp_path):
+    cmd = [sys.executable, "-m", "perco.evaluate", "dataset=folder",
+           f"dataset.root={tmp_path / 'missing'}", f"output_dir={tmp_path / 'o'}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("perco-eval: error:")
+
+
+def test_perco_plot_merges_results_and_rejects_bad_files(photos, tmp_path, assets):
+    run(config(photos, tmp_path / "e", "eval.ceiling=false"))
+    out = tmp_path / "curves.pdf"
+    assert plot_main([str(tmp_path / "e"), "-o", str(out), "--reference", "kodak"]) == 0
+    assert out.read_bytes().startswith(b"%PDF")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert plot_main([str(bad), "-o", str(tmp_path / "x.png")]) == 1
+
+
+def test_kodak_set_keeps_native_sizes(assets):
+    data = kodak(assets / "kodak")
+    assert len(data) == 24
+    sizes = {data.image_size(i) for i in range(len(data))}
+    assert sizes == {(512, 768), (768, 512)}
+    assert data[3]["image"].shape == (3, 768, 512)  # kodim04 is portrait
+
+
+def test_transforms_and_bad_sets(photos):
+    captions = photos / "captions.tsv"
+    resized = load_eval_set("folder", photos, captions=captions, transform="resize", size=64)
+    assert resized[1]["image"].shape == (3, 64, 64) and resized[0]["captions"] == ["a red square"]
+    cropped = load_eval_set("folder", photos, transform="center-crop", size=96)
+    assert cropped[1]["image"].shape == (3, 96, 96)
+    with pytest.raises(ValueError, match="needs a size"):
+        load_eval_set("folder", photos, transform="resize")
+    with pytest.raises(ValueError, match="unknown evaluation set"):
+        load_eval_set("imagenet", photos)
+
+
+def test_coco30k_list_is_shipped():
+    files = coco30k_files()
+    assert len(files) == 30000 and len(set(files)) == 30000
+    assert files[0] == "000000000009.jpg"
+
+
+def test_prepare_coco_writes_images_captions_and_label_maps(assets, tmp_path):
+    mini = assets / "coco-mini"
+    names = sorted(p.name for p in (mini / "val2017").glob("*.jpg"))[:6]
+    n = prepare_coco(
+        mini / "val2017",
+        mini / "annotations" / "captions_val2017.json",
+        tmp_path / "coco",
+        files=names,
+        instances_json=mini / "annotations" / "instances_val2017_mini.json",
+        size=128,
+    )
+    assert n == 6
+    data = prepared_coco(tmp_path / "coco")
+    item = data[0]
+    assert item["image"].shape == (3, 128, 128) and len(item["captions"]) >= 5
+    labelled = [data[i]["labels"] for i in range(len(data)) if data[i]["labels"] is not None]
+    assert labelled, "coco-mini has instance masks for some of these images"
+    values = torch.unique(torch.cat([lab.flatten() for lab in labelled]))
+    assert set(values.tolist()) - {255} <= set(data.label_names)
+    assert data.label_names[1] == "person"
+    with pytest.raises(FileNotFoundError, match="listed images"):
+        prepare_coco(mini / "val2017", mini / "annotations" / "captions_val2017.json",
+                     tmp_path / "x", files=["nope.jpg"])  # fmt: skip
+
+
+def test_perco_download_verifies_pixel_checksums(assets, tmp_path):
+    from perco.cli.download import download_kodak
+
+    url = (assets / "kodak").as_uri() + "/{name}"
+    assert download_kodak(tmp_path / "k", url) == 0
+    assert len(list((tmp_path / "k").glob("*.png"))) == 24
+    # a wrong image under a Kodak name is refused and nothing is written
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(1, 25):
+        os.symlink(assets / "kodak" / "kodim01.png", bad / f"kodim{i:02d}.png")
+    assert download_kodak(tmp_path / "k2", bad.as_uri() + "/{name}") == 1
+    assert [p.name for p in (tmp_path / "k2").glob("*.png")] == ["kodim01.png"]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one(photos, tmp_path, assets):
+    one = run(config(photos, tmp_path / "one"))
+    overrides = [
+        "dataset=folder", f"dataset.root={photos}",
+        f"dataset.captions={photos / 'captions.tsv'}", "metrics=offline", "metrics.patch_size=64",
+        f"output_dir={tmp_path / 'two'}", "eval.steps=[2]", "eval.batch_size=2",
+        "eval.grid_images=2", f"paths.assets_dir={assets}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "-m", "perco.evaluate", *overrides]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "r0.0019" / "results.json").read_text())
+    assert_close(one["results"], two["results"])
+    assert two["protocol"]["images"] == 3
