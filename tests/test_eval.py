@@ -208,3 +208,79 @@ def test_two_processes_give_the_numbers_of_one(photos, tmp_path, assets):
     two = json.loads((tmp_path / "two" / "r0.0019" / "results.json").read_text())
     assert_close(one["results"], two["results"])
     assert two["protocol"]["images"] == 3
+
+
+def tiny_clip():
+    """A small random open_clip CLIP with the real CLIP tokenizer (stand-in weights)."""
+    import open_clip
+
+    from perco.metrics.clip_score import ClipScorer
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg={"layers": 1, "width": 32, "patch_size": 16, "image_size": 64, "head_width": 16},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    )
+    return ClipScorer(model, open_clip.get_tokenizer("ViT-L-14"), name="tiny random CLIP")
+
+
+def tiny_segmenter(tmp_path, names: dict[int, str]):
+    """A random SegFormer saved and loaded back through ``Segmenter.from_pretrained``."""
+    from transformers import (
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        SegformerImageProcessor,
+    )
+
+    from perco.metrics.miou import Segmenter
+
+    labels = dict(enumerate(["background", *names.values()]))
+    config = SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+        num_attention_heads=[1, 1], decoder_hidden_size=16, patch_sizes=[7, 3], strides=[4, 2],
+        mlp_ratios=[2, 2], id2label=labels, label2id={v: k for k, v in labels.items()},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "seg")
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "seg")
+    return Segmenter.from_pretrained(str(tmp_path / "seg"))
+
+
+def test_clip_scores_with_a_tiny_open_clip():
+    clip = tiny_clip()
+    x = torch.rand(2, 3, 80, 96)
+    assert torch.allclose(clip.image_image(x, x), torch.full((2,), 100.0), atol=1e-3)
+    text = clip.text_image(x, ["a dog on a sofa", "two parrots"])
+    assert text.shape == (2,) and (text >= 0).all() and (text <= 100).all()
+
+
+def test_coco_evaluation_with_clip_and_segmenter_stand_ins(assets, tmp_path):
+    """The COCO path end to end: ground-truth captions condition the decoder, CLIP scores
+    against another caption, mIoU against label maps (tiny random stand-in backbones)."""
+    from perco.evaluate import Backbones, EvalSettings, evaluate
+    from perco.metrics import LPIPSDistance
+    from perco.metrics.fid_kid import AlexNetFeatures
+    from perco.tiny import tiny_perco
+
+    mini = assets / "coco-mini"
+    instances = json.loads((mini / "annotations" / "instances_val2017_mini.json").read_text())
+    names = [img["file_name"] for img in instances["images"]][:3]
+    prepare_coco(mini / "val2017", mini / "annotations" / "captions_val2017.json",
+                 tmp_path / "coco", files=names, size=64,
+                 instances_json=mini / "annotations" / "instances_val2017_mini.json")  # fmt: skip
+    data = prepared_coco(tmp_path / "coco", name="coco-mini")
+    weights = assets / "lpips" / "alexnet_features.safetensors"
+    backbones = Backbones(
+        LPIPSDistance("alex", weights), AlexNetFeatures(weights), tiny_clip(),
+        tiny_segmenter(tmp_path, data.label_names),
+    )  # fmt: skip
+    settings = EvalSettings(steps=[2], fid_variant="whole", batch_size=3)
+    doc = evaluate(tiny_perco("r0.0019").eval(), data, settings, backbones, tmp_path / "out")
+    res = doc["results"]
+    assert 0 <= res["miou"][0] <= 1 and 0 <= doc["autoencoder_ceiling"]["miou"] <= 1
+    assert res["clip_text"][0] >= 0 and res["clip_image"][0] <= 100
+    assert doc["protocol"]["clip"] == "tiny random CLIP"
+    assert doc["protocol"]["captions"] == "ground-truth"
+    rows = list(csv.DictReader((tmp_path / "out" / "per_image.csv").open()))
+    assert all(int(r["caption_bits"]) > 0 for r in rows if r["series"] == "steps=2")
