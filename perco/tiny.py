@@ -22,7 +22,14 @@ from .models.autoencoders import SDAutoencoder
 from .models.perco import PerCo
 from .rates import Rate
 
-__all__ = ["clip_tokenizer", "tiny_components", "tiny_perco", "save_tiny_stable_diffusion"]
+__all__ = [
+    "clip_tokenizer",
+    "tiny_components",
+    "tiny_perco",
+    "save_tiny_stable_diffusion",
+    "taef2_perco",
+    "load_taef2",
+]
 
 TEXT_DIM = 32
 
@@ -135,3 +142,70 @@ def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> Path:
     for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
         c[name].save_pretrained(path / name)
     return path
+
+
+# -- a small real model: PerCo in the pretrained TAEF2 latent space ---------------------
+def load_taef2(
+    taef2_dir: str | os.PathLike,
+    stats_images: str | os.PathLike | None = None,
+    stats_crop: int = 256,
+    stats_limit: int = 200,
+):
+    """The pretrained TAEF2 autoencoder from its ``.pth`` state dicts, with per-channel
+    latent statistics measured on centre crops of the images in ``stats_images``."""
+    from .data.folder import ImageFolder
+    from .models.taesd import TinyAutoencoder, measure_latent_stats
+
+    taef2_dir = Path(taef2_dir)
+    ae = TinyAutoencoder.from_state_dicts(
+        taef2_dir / "taef2_encoder.pth", taef2_dir / "taef2_decoder.pth", latent_channels=32
+    ).eval()
+    if stats_images is not None:
+        folder = ImageFolder(stats_images, stats_crop, random_crop=False, limit=stats_limit)
+        batches = (
+            torch.stack([folder[i]["image"] for i in range(start, min(start + 16, len(folder)))])
+            for start in range(0, len(folder), 16)
+        )
+        ae.set_latent_stats(*measure_latent_stats(ae, batches))
+    return ae.requires_grad_(False)
+
+
+def taef2_perco(
+    rate: str | Rate,
+    taef2_dir: str | os.PathLike,
+    stats_images: str | os.PathLike | None = None,
+    seed: int = 0,
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    **kwargs,
+) -> PerCo:
+    """A small PerCo on the pretrained TAEF2 autoencoder (32-channel latents, 8×).
+
+    The U-Net is new (random init; attention only at its lowest resolution, 1/32 of the
+    image); the text encoder is the tiny random CLIP of :func:`tiny_components`, used
+    only for its null-text slot: with no captions (``guidance="none"``) the U-Net is
+    conditioned on the hyper-latent alone. ``kwargs`` go to :meth:`PerCo.from_components`.
+    """
+    c = tiny_components(seed)
+    torch.manual_seed(seed)
+    depth = len(block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=32,
+        out_channels=32,
+        down_block_types=("DownBlock2D",) * (depth - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (depth - 1),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=32,
+        norm_num_groups=16,
+    )
+    scheduler = DDIMScheduler(**{**SD21_SCHEDULER, "timestep_spacing": "trailing"})
+    kwargs.setdefault("hyper_encoder", {"channels": 64, "out_channels": 128})
+    kwargs.setdefault("quantizer", {"codebook_dim": 16})
+    kwargs.setdefault("guidance", "none")
+    kwargs.setdefault("text_drop_prob", 0.0)
+    ae = load_taef2(taef2_dir, stats_images)
+    return PerCo.from_components(
+        ae, unet, c["text_encoder"], c["tokenizer"], scheduler, rate, **kwargs
+    )

@@ -4,6 +4,7 @@ from .autoencoders import AUTOENCODERS, Autoencoder, SDAutoencoder
 from .hyper_encoder import HyperEncoder
 from .perco import PerCo, PerCoConfig
 from .quantizer import VectorQuantizer
+from .taesd import TinyAutoencoder
 from .text import NullTextEmbedding
 from .unet_adapter import linear_parameter_share, widen_conv_in
 
@@ -11,6 +12,7 @@ __all__ = [
     "AUTOENCODERS",
     "Autoencoder",
     "SDAutoencoder",
+    "TinyAutoencoder",
     "HyperEncoder",
     "PerCo",
     "PerCoConfig",
