@@ -1,0 +1,124 @@
+"""Helpers shared by the bench_* scripts: model building, timing, FLOPs, memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from perco.models.perco import PerCo
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+
+
+def build(kind: str, rate: str, device: torch.device, pretrained: str | None = None) -> PerCo:
+    """``tiny`` (random tiny SD-shaped), ``sd21`` (SD 2.1's published architecture with
+    random weights: speed does not depend on the weights), or a real checkpoint."""
+    if pretrained:
+        return PerCo.from_stable_diffusion(pretrained, rate).to(device)
+    if kind == "tiny":
+        from perco.tiny import tiny_perco
+
+        return tiny_perco(rate).to(device)
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from perco.models import SDAutoencoder
+    from perco.tiny import SD21_SCHEDULER, clip_tokenizer
+
+    def config(name: str) -> dict:
+        return json.loads((FIXTURES / f"sd21_{name}_config.json").read_text())
+
+    with torch.device(device):
+        vae = SDAutoencoder(AutoencoderKL.from_config(config("vae")))
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        text = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
+        scheduler = DDIMScheduler(**SD21_SCHEDULER)
+        return PerCo.from_components(vae, unet, text, clip_tokenizer(), scheduler, rate)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def stopwatch(device: torch.device, out: dict, key: str = "s"):
+    sync(device)
+    start = time.perf_counter()
+    yield
+    sync(device)
+    out[key] = time.perf_counter() - start
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """The device's measured dense matmul rate in TFLOP/s (the share's denominator)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    repeats = 20 if device.type == "cuda" else 5
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def count_flops(fn, module: str | None = None) -> int:
+    """FLOPs of ``fn()``: all of them, or those inside modules of class ``module``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    if module is None:
+        return counter.get_total_flops()
+    return sum(counter.get_flop_counts().get(module, {}).values())
+
+
+class CallCounter:
+    """Counts forward calls of a module."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    """A markdown table (pasteable into docs/benchmarks.md)."""
+    if not rows:
+        return
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    print(f"\n{title}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
