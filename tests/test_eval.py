@@ -179,15 +179,15 @@ def test_prepare_coco_writes_images_captions_and_label_maps(assets, tmp_path):
 def test_perco_download_verifies_pixel_checksums(assets, tmp_path):
     from perco.cli.download import download_kodak
 
-    url = (assets / "kodak").as_uri() + "/{name}"
+    url = (assets / "kodak").resolve().as_uri() + "/{name}"
     assert download_kodak(tmp_path / "k", url) == 0
     assert len(list((tmp_path / "k").glob("*.png"))) == 24
     # a wrong image under a Kodak name is refused and nothing is written
     bad = tmp_path / "bad"
     bad.mkdir()
     for i in range(1, 25):
-        os.symlink(assets / "kodak" / "kodim01.png", bad / f"kodim{i:02d}.png")
-    assert download_kodak(tmp_path / "k2", bad.as_uri() + "/{name}") == 1
+        os.symlink((assets / "kodak" / "kodim01.png").resolve(), bad / f"kodim{i:02d}.png")
+    assert download_kodak(tmp_path / "k2", bad.resolve().as_uri() + "/{name}") == 1
     assert [p.name for p in (tmp_path / "k2").glob("*.png")] == ["kodim01.png"]
 
 
