@@ -43,11 +43,15 @@ def compress(
     *,
     seed: int = bitstream.DEFAULT_SEED,
     crc: bool = False,
+    latents: torch.Tensor | None = None,
     timer: StageTimer | None = None,
 ) -> list[tuple[bytes, Breakdown]]:
-    """Encode ``(B, 3, H, W)`` images in ``[0, 1]``; returns each file's bytes and breakdown."""
+    """Encode ``(B, 3, H, W)`` images in ``[0, 1]``; returns each file's bytes and breakdown.
+
+    ``latents``: precomputed autoencoder latents of the padded images (see
+    :meth:`PerCo.encode`)."""
     check_image_size(model, *images.shape[-2:])
-    encoded = model.encode(images, captions, timer=timer)
+    encoded = model.encode(images, captions, latents=latents, timer=timer)
     out = []
     for indices, caption, size in zip(
         encoded.indices, encoded.captions, encoded.sizes, strict=True

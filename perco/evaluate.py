@@ -131,8 +131,9 @@ class _ImageResult:
 class _Evaluator:
     """Evaluates batches of same-size images and caches each image's results."""
 
-    def __init__(self, model, data, settings, backbones, out, keep: set[str]):
+    def __init__(self, model, data, settings, backbones, out, keep: set[str], latent_cache=None):
         self.model, self.data, self.s, self.b, self.out = model, data, settings, backbones, out
+        self.latent_cache = latent_cache
         self.keep = keep  # ids whose reconstructions are saved as PNG
         self.file_captions = {}
         if settings.captions not in ("ground-truth", "none"):
@@ -183,15 +184,26 @@ class _Evaluator:
                     counts[i] = intersections_unions(table[pred[i]], lab)
         return rows, counts
 
-    def autoencode(self, images: torch.Tensor) -> torch.Tensor:
-        """The autoencoder-only ceiling: encode and decode the (padded) images."""
+    def latents(self, ids: list[str], images: torch.Tensor) -> torch.Tensor:
+        """Autoencoder latents of the padded images, through the shared cache if any."""
         h, w = images.shape[-2:]
         ph, pw = self.model.padded_size(h, w)
-        x = F.pad(images.to(self.device), (0, pw - w, 0, ph - h), mode="replicate")
-        ae = self.model.autoencoder
+        keys = [(image_id, ph, pw) for image_id in ids]
+        cache = self.latent_cache if self.latent_cache is not None else {}
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            x = F.pad(images[missing].to(self.device), (0, pw - w, 0, ph - h), mode="replicate")
+            with torch.no_grad():
+                z = self.model.autoencoder.encode(x * 2 - 1)
+            for i, zi in zip(missing, z, strict=True):
+                cache[keys[i]] = zi[None]
+        return torch.cat([cache[k] for k in keys]).to(self.device)
+
+    def autoencode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The autoencoder-only ceiling: decode the latents of the (padded) images."""
         with torch.no_grad():
-            y = (ae.decode(ae.encode(x * 2 - 1)).float() + 1) / 2
-        return y[..., :h, :w].cpu()
+            y = (self.model.autoencoder.decode(latents).float() + 1) / 2
+        return y[..., : size[0], : size[1]].cpu()
 
     def run(self, items: list[dict]) -> None:
         x = torch.stack([it["image"] for it in items])
@@ -203,7 +215,8 @@ class _Evaluator:
             for it, f in zip(items, self.features(x), strict=True):
                 results[it["id"]].features["real"] = f
 
-        files = codec.compress(self.model, x.to(self.device), [c for c, _ in captions])
+        z = self.latents([it["id"] for it in items], x)
+        files = codec.compress(self.model, x.to(self.device), [c for c, _ in captions], latents=z)
         parsed = [codec.parse(self.model, data)[0] for data, _ in files]
         for steps in self.s.steps:
             series, samples = _series(steps, self.model), []
@@ -226,7 +239,7 @@ class _Evaluator:
             if len(samples) > 1:
                 self._diversity(series, samples, items, results)
         if self.s.ceiling:
-            y = _quantize(self.autoencode(x))
+            y = _quantize(self.autoencode(z, x.shape[-2:]))
             self._record(CEILING, 0, items, x, y, scored, labels, results, None)
         for it in items:
             self._write_cache(it["id"], results[it["id"]])
@@ -319,8 +332,13 @@ def evaluate(
     backbones: Backbones,
     out_dir: str | os.PathLike,
     name: str = "perco",
+    latent_cache: dict | None = None,
 ) -> dict | None:
-    """Run (or resume) an evaluation; the main process returns the results document."""
+    """Run (or resume) an evaluation; the main process returns the results document.
+
+    ``latent_cache``: a dict shared by evaluations of models with the *same*
+    autoencoder (e.g. the rungs of one family), so each image is encoded once.
+    """
     from accelerate import PartialState
     from tqdm import tqdm
 
@@ -339,7 +357,7 @@ def evaluate(
     for i in mine:
         groups[data.image_size(i)].append(i)
 
-    evaluator = _Evaluator(model, data, settings, backbones, out, keep)
+    evaluator = _Evaluator(model, data, settings, backbones, out, keep, latent_cache)
     bar = tqdm(total=len(mine), desc="perco-eval", unit="img", disable=not state.is_main_process)
     for indices in groups.values():
         for start in range(0, len(indices), settings.batch_size):

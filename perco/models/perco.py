@@ -440,12 +440,15 @@ class PerCo(nn.Module):
         images: torch.Tensor,
         captions: Sequence[str | None] | None = None,
         *,
+        latents: torch.Tensor | None = None,
         timer: StageTimer | None = None,
     ) -> EncodedImages:
         """Images ``(B, 3, H, W)`` in ``[0, 1]`` → indices and captions (no EMA updates).
 
         ``captions``: the global context per image; ``None`` (or a ``None`` entry) means
-        no caption. ``timer`` collects "autoencoder encode" and "hyper-encoder" seconds.
+        no caption. ``latents``: the autoencoder's latents of the padded images, when
+        already computed (e.g. shared by the rungs of one autoencoder). ``timer``
+        collects "autoencoder encode" and "hyper-encoder" seconds.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -454,8 +457,11 @@ class PerCo(nn.Module):
         if len(captions) != b:
             raise ValueError(f"{len(captions)} captions for {b} images")
         padded = self._pad(images.to(self.device))
-        with stage(timer, "autoencoder encode"):
-            latents = self._latents(padded)
+        if latents is None:
+            with stage(timer, "autoencoder encode"):
+                latents = self._latents(padded)
+        else:
+            latents = latents.to(self.device)
         with stage(timer, "hyper-encoder"):
             indices = self.quantizer.encode(self.hyper_encoder(latents))
         gh, gw = self.index_grid(h, w)
