@@ -147,33 +147,36 @@ def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> Path:
 # -- a small real model: PerCo in the pretrained TAEF2 latent space ---------------------
 def load_taef2(
     taef2_dir: str | os.PathLike,
-    stats_images: str | os.PathLike | None = None,
-    stats_crop: int = 256,
-    stats_limit: int = 200,
+    folders: list[str | os.PathLike] | None = None,
+    latent_cache: str | os.PathLike | None = None,
 ):
-    """The pretrained TAEF2 autoencoder from its ``.pth`` state dicts, with per-channel
-    latent statistics measured on centre crops of the images in ``stats_images``."""
-    from .data.folder import ImageFolder
-    from .models.taesd import TinyAutoencoder, measure_latent_stats
+    """The pretrained TAEF2 autoencoder from its ``.pth`` state dicts.
+
+    With ``folders`` and ``latent_cache``, the per-channel latent statistics are measured
+    on the whole-image latents of those training images (computed once and cached, see
+    :mod:`perco.data.latent_crops`) and stored in the autoencoder's config.
+    """
+    from .data.latent_crops import cached_latents, latent_statistics
+    from .models.taesd import TinyAutoencoder
 
     taef2_dir = Path(taef2_dir)
     ae = TinyAutoencoder.from_state_dicts(
         taef2_dir / "taef2_encoder.pth", taef2_dir / "taef2_decoder.pth", latent_channels=32
     ).eval()
-    if stats_images is not None:
-        folder = ImageFolder(stats_images, stats_crop, random_crop=False, limit=stats_limit)
-        batches = (
-            torch.stack([folder[i]["image"] for i in range(start, min(start + 16, len(folder)))])
-            for start in range(0, len(folder), 16)
+    if folders:
+        if latent_cache is None:
+            raise ValueError("measuring latent statistics needs a latent_cache path")
+        ae.set_latent_stats(
+            *latent_statistics(cached_latents(ae.raw_encode, folders, latent_cache))
         )
-        ae.set_latent_stats(*measure_latent_stats(ae, batches))
     return ae.requires_grad_(False)
 
 
 def taef2_perco(
     rate: str | Rate,
     taef2_dir: str | os.PathLike,
-    stats_images: str | os.PathLike | None = None,
+    folders: list[str | os.PathLike] | None = None,
+    latent_cache: str | os.PathLike | None = None,
     seed: int = 0,
     block_out_channels: tuple[int, ...] = (32, 64, 64),
     **kwargs,
@@ -205,7 +208,7 @@ def taef2_perco(
     kwargs.setdefault("quantizer", {"codebook_dim": 16})
     kwargs.setdefault("guidance", "none")
     kwargs.setdefault("text_drop_prob", 0.0)
-    ae = load_taef2(taef2_dir, stats_images)
+    ae = load_taef2(taef2_dir, folders, latent_cache)
     return PerCo.from_components(
         ae, unet, c["text_encoder"], c["tokenizer"], scheduler, rate, **kwargs
     )

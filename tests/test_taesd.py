@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from perco.data.latent_crops import taef2_latent_crops
 from perco.io import load_image
 from perco.metrics import psnr
 from perco.models.perco import PerCo
@@ -24,15 +25,36 @@ def test_taef2_reconstructs_kodak_and_matches_the_published_state_dicts(assets):
     assert psnr(x, y).item() > 33
 
 
-def test_latent_statistics_are_measured_and_saved(assets, tmp_path):
-    ae = load_taef2(assets / "taef2", assets / "bsds500" / "train", stats_crop=128, stats_limit=8)
-    assert ae.latent_std.min() > 0.1 and ae.latent_mean.abs().max() < 3
+def test_latent_statistics_come_from_cached_whole_image_latents(assets, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:3]:
+        (photos / p.name).symlink_to(p.resolve())
+    cache = tmp_path / "latents.safetensors"
+    ae = load_taef2(assets / "taef2", [photos], cache)
+    assert cache.is_file() and ae.latent_std.min() > 0.1 and ae.latent_mean.abs().max() < 3
     ae.save_pretrained(tmp_path / "ae")
     back = TinyAutoencoder.from_pretrained(tmp_path / "ae")
     assert back.config == ae.config
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(back.encode(x), ae.encode(x))
+
+    # training crops: windows of the cached latents, normalised like the model's latents
+    crops = taef2_latent_crops(assets / "taef2", [photos], cache, crop_size=128, seed=1)
+    assert len(crops) == 3
+    sample = crops[0]["latent"]
+    assert sample.shape == (32, 16, 16)
+    with torch.no_grad():
+        whole = ae.encode(
+            load_image(photos / crops.names[0].split("/")[1])[..., :320, :480] * 2 - 1
+        )
+    # the window is somewhere in the normalised whole-image latent
+    windows = whole[0].unfold(1, 16, 1).unfold(2, 16, 1)  # C, rows, cols, 16, 16
+    err = (windows - sample[:, None, None]).abs().amax(dim=(0, 3, 4))
+    assert err.min() < 1e-4
+    crops.set_epoch(1)
+    assert not torch.equal(crops[0]["latent"], sample)
 
 
 def test_a_perco_on_taef2_saves_and_loads_with_its_autoencoder(assets, tmp_path):

@@ -1,0 +1,185 @@
+"""The small real PerCo (experiment=tiny_taef2) on Kodak: quality, bits and speed.
+
+    perco-train -m experiment=tiny_taef2       # writes runs/tiny_taef2/<rate>/model
+    python scripts/bench_tiny.py                # this table, outputs/bench_tiny/
+
+Each rung is evaluated with ``perco.evaluate`` on the 24 Kodak images at native size
+(real bitstreams; the TAEF2 latents of each image are computed once and shared by the
+rungs). Reference rows: the TAEF2 autoencoder alone (ceiling), JPEG (Pillow) at quality
+1, and a control decoded by the top rung from shuffled z_l (index grids permuted across
+images of the same size). LPIPS uses the real AlexNet weights; "patch FID/KID" is on
+ImageNet AlexNet features over HiFiC patches (no Inception offline: not standard FID).
+Also prints encode and decode time per image, and writes a reconstruction grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from perco import codec
+from perco.cli._common import load_model
+from perco.data.eval_sets import kodak
+from perco.evaluate import Backbones, EvalSettings, evaluate
+from perco.io import load_image, save_image
+from perco.metrics import (
+    AlexNetFeatures,
+    LPIPSDistance,
+    colour_stats,
+    fid_kid,
+    hific_patches,
+    ms_ssim,
+    psnr,
+)
+from perco.plot import reconstruction_grid
+
+COLUMNS = ["bpp_file", "bpp_payload", "psnr", "ms_ssim", "lpips", "delta_e2000", "fid", "kid"]
+
+
+def score(originals, recons, backbones) -> dict:
+    """Mean per-image metrics and patch FID/KID of paired image lists."""
+    rows, real, fake = [], [], []
+    for x, y in zip(originals, recons, strict=True):
+        x, y = x[None], y[None].clamp(0, 1).mul(255).round().div(255)
+        row = {"psnr": psnr(x, y), "ms_ssim": ms_ssim(x, y), "lpips": backbones.lpips(x, y)}
+        row["delta_e2000"] = colour_stats(x, y)["delta_e2000"]
+        rows.append({k: float(v) for k, v in row.items()})
+        real.append(backbones.features(hific_patches(x)))
+        fake.append(backbones.features(hific_patches(y)))
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    out.update(fid_kid(torch.cat(real), torch.cat(fake)))
+    return out
+
+
+def jpeg(image: torch.Tensor, quality: int) -> tuple[torch.Tensor, int]:
+    pil = Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy())
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG", quality=quality)
+    return load_image(io.BytesIO(buffer.getvalue()))[0], len(buffer.getvalue())
+
+
+def shuffled_control(model, data, steps: int, seed: int = 0):
+    """Decode each image from another image's z_l (same size), its own caption slot."""
+    images = [data[i]["image"] for i in range(len(data))]
+    parsed = [codec.parse(model, codec.compress(model, x[None])[0][0])[0] for x in images]
+    g = torch.Generator().manual_seed(seed)
+    by_size = {}
+    for i, p in enumerate(parsed):
+        by_size.setdefault(p.size, []).append(i)
+    shuffled = list(parsed)
+    for group in by_size.values():
+        perm = torch.randperm(len(group), generator=g).tolist()
+        perm = perm[1:] + perm[:1]  # a cyclic shift of a random order: no image keeps its own
+        for src, dst in zip((group[p] for p in perm), group, strict=True):
+            shuffled[dst] = replace(parsed[dst], indices=parsed[src].indices)
+    return images, codec.decompress(model, shuffled, steps=steps)
+
+
+def timing(model, image: torch.Tensor, steps: int) -> dict:
+    out = {}
+    with torch.no_grad():
+        model.encode(image)
+        start = time.perf_counter()
+        encoded = model.encode(image)
+        out["encode s"] = time.perf_counter() - start
+        for guidance in ("none", "text"):
+            start = time.perf_counter()
+            model.decode(encoded, steps=steps, guidance=guidance)
+            out[f"decode s ({steps} steps, cfg {'on' if guidance == 'text' else 'off'})"] = (
+                time.perf_counter() - start
+            )
+    return out
+
+
+def main(argv=None) -> None:
+    assets = Path(os.environ.get("PERCO_ASSETS", "../shared/assets"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/tiny_taef2"))
+    parser.add_argument("--rates", nargs="+", default=["r0.0019", "r0.0098", "r0.1250"])
+    parser.add_argument("--kodak", type=Path, default=assets / "kodak")
+    parser.add_argument(
+        "--lpips", type=Path, default=assets / "lpips" / "alexnet_features.safetensors"
+    )
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--limit", type=int, help="first N Kodak images only")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_tiny"))
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    data = kodak(args.kodak, args.limit)
+    backbones = Backbones(LPIPSDistance("alex", args.lpips), AlexNetFeatures(args.lpips))
+    models = {rate: load_model(str(args.runs), rate) for rate in args.rates}
+    first = next(iter(models.values())).autoencoder.state_dict()
+    for rate, m in models.items():  # the rungs may share latents only with one autoencoder
+        same = all(torch.equal(v, m.autoencoder.state_dict()[k]) for k, v in first.items())
+        assert same, f"{rate} has another autoencoder"
+    latent_cache, table = {}, {}
+    for i, (rate, model) in enumerate(models.items()):
+        settings = EvalSettings(
+            steps=[args.steps], ceiling=i == 0, fid_variant="patches", batch_size=6, grid_images=4
+        )
+        doc = evaluate(
+            model, data, settings, backbones, args.out / rate, "tiny_taef2", latent_cache
+        )
+        table[f"PerCo tiny_taef2 {rate}"] = {k: v[0] for k, v in doc["results"].items()}
+        if i == 0:
+            table["TAEF2 alone (ceiling)"] = doc["autoencoder_ceiling"]
+
+    originals = [data[i]["image"] for i in range(len(data))]
+    recons, sizes = zip(*(jpeg(x, 1) for x in originals), strict=True)
+    bpp = [8 * n / (x.shape[-1] * x.shape[-2]) for n, x in zip(sizes, originals, strict=True)]
+    row = score(originals, recons, backbones)
+    row["bpp_file"] = row["bpp_payload"] = sum(bpp) / len(bpp)
+    table["JPEG quality 1 (Pillow)"] = row
+
+    top = args.rates[-1]
+    images, control = shuffled_control(models[top], data, args.steps)
+    table[f"control: {top} from shuffled z_l"] = score(images, control, backbones)
+    for i in range(min(4, len(data))):
+        save_image(control[i], args.out / "control" / f"{data.items[i].id}_0.png")
+    eval_s = time.perf_counter() - start
+
+    print(f"\nKodak ({len(data)} images, native size), {args.steps} steps, guidance none\n")
+    print("| row | " + " | ".join(COLUMNS) + " |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for name, row in table.items():
+        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else "-" for c in COLUMNS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+    speed = {rate: timing(m, originals[0][None], args.steps) for rate, m in models.items()}
+    print(f"\ntime per 768×512 image on {torch.get_num_threads()} CPU threads")
+    cols = list(next(iter(speed.values())))
+    print("| rate | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for rate, t in speed.items():
+        print(f"| {rate} | " + " | ".join(f"{t[c]:.2f}" for c in cols) + " |")
+
+    # grid: original, each rung, the control (first images)
+    for rate in args.rates:
+        src = args.out / rate / "reconstructions" / f"steps={args.steps}"
+        dst = args.out / "grid" / "reconstructions" / rate
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.glob("*_0.png"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    (args.out / "grid" / "reconstructions" / "control").mkdir(parents=True, exist_ok=True)
+    for f in (args.out / "control").glob("*.png"):
+        (args.out / "grid" / "reconstructions" / "control" / f.name).write_bytes(f.read_bytes())
+    grid = reconstruction_grid(data, args.out / "grid", [*args.rates, "control"],
+                               [it.id for it in data.items[:4]], height=160)  # fmt: skip
+    save_image(grid, args.out / "grid.png")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\nevaluation wall-clock {eval_s / 60:.1f} min; peak memory {peak:.2f} GB")
+    columns = ", ".join(["original", *args.rates, "control"])
+    print(f"grid: {args.out / 'grid.png'} (rows: images; columns: {columns})")
+
+
+if __name__ == "__main__":
+    main()
