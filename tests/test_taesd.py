@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from perco.data.latent_crops import taef2_latent_crops
@@ -65,3 +67,34 @@ def test_a_perco_on_taef2_saves_and_loads_with_its_autoencoder(assets, tmp_path)
     assert back.fingerprint == model.fingerprint
     images = torch.rand(1, 3, 64, 64)
     assert torch.equal(back.encode(images).indices, model.encode(images).indices)
+
+
+def test_tiny_taef2_experiment_composes_and_trains_on_latent_windows(assets, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from perco.data.folder import collate
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
+        (photos / p.name).symlink_to(p.resolve())
+    overrides = [
+        "experiment=tiny_taef2",
+        "rate=r0.0019",
+        f"paths.assets_dir={assets.resolve()}",
+        f"model.folders=[{photos}]",
+        f"model.latent_cache={tmp_path / 'cache.safetensors'}",
+        "model.block_out_channels=[16,32]",
+    ]
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    model = instantiate(cfg.model, _convert_="all")
+    data = instantiate(cfg.data)
+    assert isinstance(model.autoencoder, TinyAutoencoder) and model.config.guidance == "none"
+    batch = collate([data[0], data[1]])
+    assert batch["latents"].shape == (2, 32, 32, 32) and "images" not in batch
+    assert torch.equal(data.mean.flatten(), model.autoencoder.latent_mean.flatten())
+    loss = model(None, batch["captions"], latents=batch["latents"]).loss
+    assert torch.isfinite(loss)

@@ -72,8 +72,9 @@ def _options(group):
 def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
     sd = save_tiny_stable_diffusion(tmp_path / "sd")
     small = {"hyper_encoder": {"channels": 16, "out_channels": 32}}
-    assert _options("model") == ["sd15", "sd21", "sd21-base", "tiny"]
-    for name in _options("model"):
+    # tiny_taef2 (real TAEF2 weights from the assets) is covered in test_taesd.py
+    assert _options("model") == ["sd15", "sd21", "sd21-base", "tiny", "tiny_taef2"]
+    for name in ["sd15", "sd21", "sd21-base", "tiny"]:
         cfg = compose_train(f"model={name}", "rate=r0.0059")
         if name != "tiny":  # the real loader on a tiny local SD folder instead of the hub
             assert cfg.model.pretrained.count("/") == 1
@@ -95,7 +96,7 @@ def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
         "tiny": [f"paths.assets_dir={photo_folder.parent}", "data.root=" + str(photo_folder)],
         "openimages": [f"data.urls='{tmp_path}/shards/s-{{000..001}}.tar'"],
     }
-    assert _options("data") == sorted(data_overrides)
+    assert _options("data") == sorted([*data_overrides, "taef2_latents"])
     for name, extra in data_overrides.items():
         extra = [*extra, "data.crop_size=64"] if name != "latents" else extra
         batch = collate([next(iter(instantiate(compose_train(f"data={name}", *extra).data)))])
