@@ -15,6 +15,7 @@ import torch
 
 from . import bitstream
 from .bitstream import Breakdown, CompressedImage
+from .captioning import text_codec
 from .models.perco import PerCo
 from .timing import StageTimer
 from .types import EncodedImages
@@ -44,14 +45,19 @@ def compress(
     seed: int = bitstream.DEFAULT_SEED,
     crc: bool = False,
     latents: torch.Tensor | None = None,
+    caption_codecs: Sequence[str] | None = None,
     timer: StageTimer | None = None,
 ) -> list[tuple[bytes, Breakdown]]:
     """Encode ``(B, 3, H, W)`` images in ``[0, 1]``; returns each file's bytes and breakdown.
 
     ``latents``: precomputed autoencoder latents of the padded images (see
-    :meth:`PerCo.encode`)."""
+    :meth:`PerCo.encode`). ``caption_codecs``: names of the caption codecs to choose from
+    (the shortest is written; default: all that apply to the model, see
+    :func:`~perco.captioning.text_codec.caption_codecs`); ``["exact"]`` keeps the caption
+    text verbatim."""
     check_image_size(model, *images.shape[-2:])
     encoded = model.encode(images, captions, latents=latents, timer=timer)
+    codecs = text_codec.caption_codecs(model.tokenizer, caption_codecs)
     out = []
     for indices, caption, size in zip(
         encoded.indices, encoded.captions, encoded.sizes, strict=True
@@ -63,6 +69,7 @@ def compress(
                 fingerprint=model.fingerprint,
                 latent_factor=model.autoencoder.factor,
                 crc=crc,
+                caption_codecs=codecs,
             )
         )
     return out
@@ -75,6 +82,7 @@ def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
         fingerprint=model.fingerprint,
         rate=model.rate,
         latent_factor=model.autoencoder.factor,
+        caption_codecs=text_codec.caption_codecs(model.tokenizer),
     )
 
 

@@ -54,10 +54,15 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     return read_image(path)[0]
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` or ``(1, 3, H, W)`` in ``[0, 1]`` → an 8-bit RGB PIL image."""
+    image = image.detach().squeeze(0).clamp(0, 1).mul(255).round().byte()
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     """Write ``(3, H, W)`` or ``(1, 3, H, W)`` in ``[0, 1]`` (format from the suffix)."""
-    image = image.detach().squeeze(0).clamp(0, 1).mul(255).round().byte()
-    pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    pil = to_pil(image)
     atomic_write(
         path,
         lambda tmp: pil.save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()]),
@@ -91,9 +96,13 @@ def atomic_write(path: str | os.PathLike, writer) -> None:
 
 
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
-    """Captions keyed by file name or stem: a JSON object, or ``name<TAB>caption`` lines."""
+    """Captions keyed by file name or stem: a JSON object, JSON lines ``{"id", "caption"}``
+    (``perco-caption``'s output), or ``name<TAB>caption`` lines."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".jsonl":
+        rows = (json.loads(line) for line in text.splitlines() if line.strip())
+        return {str(r["id"]): r["caption"] for r in rows if r.get("caption") is not None}
     if path.suffix.lower() == ".json":
         data = json.loads(text)
         if not isinstance(data, dict):

@@ -29,6 +29,7 @@ __all__ = [
     "save_tiny_stable_diffusion",
     "taef2_perco",
     "load_taef2",
+    "tiny_blip2",
 ]
 
 TEXT_DIM = 32
@@ -212,3 +213,66 @@ def taef2_perco(
     return PerCo.from_components(
         ae, unet, c["text_encoder"], c["tokenizer"], scheduler, rate, **kwargs
     )
+
+
+def tiny_blip2(seed: int = 0, image_size: int = 32):
+    """A random BLIP-2 ``(model, processor)`` a few hundred kB in size, for offline tests.
+
+    Same classes as ``Salesforce/blip2-opt-2.7b-coco`` (ViT, Q-Former, OPT), with a small
+    word-level tokenizer over common caption words standing in for OPT's BPE. Saved with
+    ``save_pretrained``, it loads back through :class:`~perco.captioning.Blip2Captioner`'s
+    ``from_pretrained`` path.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    words = [  # common caption words, for a tokenizer that needs no download
+        "a", "an", "the", "of", "on", "in", "with", "and", "to", "is", "are", "at", "near",
+        "two", "man", "woman", "dog", "cat", "bus", "train", "street", "table", "people",
+        "sitting", "standing", "white", "black", "red", "blue", "green", "large", "small",
+        "plate", "food", "pizza", "room", "field", "grass", "water", "sky", "building", "car",
+        "bike", "horse", "bird",
+    ]  # fmt: skip
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", "<image>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
+    tokenizer.image_token = "<image>"
+    queries = 4
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+            image_size=image_size, patch_size=8,
+        ),
+        qformer_config=dict(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=37, encoder_hidden_size=32,
+        ),
+        text_config=dict(
+            model_type="opt", vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+            ffn_dim=37, num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+            bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        ),
+        num_query_tokens=queries,
+        image_token_index=vocab["<image>"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random logits would often pick </s> first: an empty caption
+        model.get_output_embeddings().weight[:4] = 0
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=queries)
+    return model, processor

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from perco import bitstream
 from perco.bitstream import BitstreamError, CompressedImage
+from perco.captioning import text_codec
 from perco.rates import RATES, Rate, index_bits
 
 FP = bytes.fromhex("5eed")
@@ -36,29 +37,35 @@ def test_round_trip_is_bit_exact_and_sized_by_the_formula(rate):
         assert (
             info.index_bits == bits == math.ceil(image.indices.size * math.log2(rate.codebook_size))
         )
-        caption_bytes = len(bitstream.encode_caption(caption)[1])
-        assert len(data) == bitstream.HEADER_BYTES + math.ceil(bits / 8) + caption_bytes
-        assert info.header_bytes == 8 and info.padding_bits == -bits % 8
+        codec, caption_data = text_codec.encode_caption(caption)
+        extended = codec >= text_codec.EXTENDED  # one codec id byte in the header
+        assert len(data) == 8 + extended + math.ceil(bits / 8) + len(caption_data)
+        assert info.header_bytes == 8 + extended and info.padding_bits == -bits % 8
 
 
 def test_kodak_lowest_rung_with_a_40_character_caption_is_under_153_bytes():
     assert len(CAPTION_40) == 40
-    data, info = bitstream.write(_image(RATES["r0.0019"]), fingerprint=FP)
-    assert len(data) < 153  # the paper's Kodak figure at 0.003 bpp
-    assert info.file_bytes == len(data) and info.caption_codec == "deflate"
+    for use, codec in [(["deflate"], "deflate"), (None, "exact")]:
+        codecs = text_codec.caption_codecs(use=use)
+        data, info = bitstream.write(
+            _image(RATES["r0.0019"]), fingerprint=FP, caption_codecs=codecs
+        )
+        assert len(data) < 153  # the paper's Kodak figure at 0.003 bpp
+        assert info.file_bytes == len(data) and info.caption_codec == codec
     assert info.bpp_file == pytest.approx(8 * len(data) / (512 * 768))
     assert info.bpp_payload == pytest.approx((768 + info.caption_bits) / (512 * 768))
 
 
 def test_optional_fields_cost_what_the_docstring_says():
     rate = RATES["r0.0019"]
-    plain, _ = bitstream.write(_image(rate), fingerprint=FP)
+    plain, base = bitstream.write(_image(rate), fingerprint=FP)
+    assert base.header_bytes == 9  # 8 + the extended caption codec id (exact text)
     seeded, info = bitstream.write(_image(rate, seed=7), fingerprint=FP)
-    assert len(seeded) == len(plain) + 1 and info.header_bytes == 9
+    assert len(seeded) == len(plain) + 1 and info.header_bytes == 10
     big_seed, _ = bitstream.write(_image(rate, seed=300), fingerprint=FP)
     assert len(big_seed) == len(plain) + 2
     with_crc, info = bitstream.write(_image(rate), fingerprint=FP, crc=True)
-    assert len(with_crc) == len(plain) + 2 and info.header_bytes == 10
+    assert len(with_crc) == len(plain) + 2 and info.header_bytes == 11
     large, info = bitstream.write(_image(rate, size=(70, 20000), caption=None), fingerprint=FP)
     assert info.header_bytes == 10
     back, _ = bitstream.read(large, fingerprint=FP, rate=rate)
@@ -68,18 +75,21 @@ def test_optional_fields_cost_what_the_docstring_says():
 
 
 def test_zlib_is_the_reference_and_raw_deflate_wins_by_its_wrapper():
-    codec, data = bitstream.encode_caption(CAPTION_40)
+    codec, data = text_codec.encode_caption(
+        CAPTION_40, text_codec.caption_codecs(use=["zlib", "deflate"])
+    )
     assert codec == bitstream.CAPTION_DEFLATE
     assert len(zlib.compress(CAPTION_40.encode(), 9)) == len(data) + 6
     # a zlib-coded caption (the paper's coding) decodes too
-    assert bitstream.decode_caption(bitstream.CAPTION_ZLIB, zlib.compress(b"abc")) == "abc"
+    assert text_codec.decode_caption(bitstream.CAPTION_ZLIB, zlib.compress(b"abc")) == "abc"
 
 
 def test_golden_file_pins_the_format(request):
     image = CompressedImage(
         np.arange(96).reshape(8, 12) % 256, CAPTION_40, (512, 768), RATES["r0.0019"], seed=3
     )
-    data, _ = bitstream.write(image, fingerprint=FP, crc=True)
+    deflate = text_codec.caption_codecs(use=["deflate"])
+    data, _ = bitstream.write(image, fingerprint=FP, crc=True, caption_codecs=deflate)
     if request.config.getoption("--regen-golden"):
         GOLDEN.write_bytes(data)
     assert data == GOLDEN.read_bytes(), "format changed: bump VERSION, then --regen-golden"
@@ -106,7 +116,8 @@ def test_golden_file_pins_the_format(request):
     ],
 )
 def test_bad_files_raise_bitstream_errors(mutate, message):
-    data, _ = bitstream.write(_image(RATES["r0.0019"]), fingerprint=FP)
+    deflate = text_codec.caption_codecs(use=["deflate"])
+    data, _ = bitstream.write(_image(RATES["r0.0019"]), fingerprint=FP, caption_codecs=deflate)
     with pytest.raises(BitstreamError, match=message):
         bitstream.read(mutate(data), fingerprint=FP, rate=RATES["r0.0019"])
 

@@ -43,7 +43,7 @@ def test_compress_then_decompress_a_folder(photos, tmp_path, capsys):
         data = (bits / (f["file"].rsplit("/", 1)[1][:-4] + ".perco")).read_bytes()
         assert f["file_bytes"] == len(data)
         assert f["bpp_file"] == pytest.approx(8 * len(data) / (f["height"] * f["width"]))
-        assert f["header_bytes"] == 8
+        assert f["header_bytes"] == 9 and f["caption_codec"] == "tokens"  # + codec id byte
     assert {"autoencoder encode", "hyper-encoder"} <= set(report["timings_s"])
 
     recon = tmp_path / "recon"

@@ -1,6 +1,7 @@
 """Compress images to .perco files.
 
     perco compress photos/ more.png -o out/ --model runs/r0.0019 --caption "a red barn"
+    perco compress photos/ -o out/ --model runs/r0.0019 --captioner blip2
 
 Each image becomes ``<output-dir>/<stem>.perco`` (written to a temp name, then renamed).
 Images that pad to the same size are encoded together. A file that fails is reported in
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 
 from .. import bitstream, codec
-from ..io import IMAGE_SUFFIXES, read_captions, read_image, save_image, write_bytes
+from ..captioning import text_codec
+from ..captioning.captioners import load_captioner
+from ..io import IMAGE_SUFFIXES, read_captions, read_image, save_image, to_pil, write_bytes
 from ..sampling import GUIDANCE_MODES
 from ..timing import StageTimer
 from ._common import Report, add_model_arguments, collect, load_model, output_path, progress
@@ -31,7 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     text.add_argument(
         "--captions-file",
         type=Path,
-        help="JSON object {file name or stem: caption}, or lines 'name<TAB>caption'",
+        help="JSON {file name or stem: caption}, perco-caption's JSONL or name<TAB>caption lines",
+    )
+    text.add_argument(
+        "--captioner",
+        help="caption each image now: blip2[:name] (BLIP-2, PerCo's) or vlm:name (any "
+        "image-to-text model); perco-caption does this once for a whole dataset",
+    )
+    parser.add_argument(
+        "--caption-codec",
+        nargs="+",
+        choices=["zlib", "deflate", "exact", "tokens"],
+        help="caption codecs to choose from, the shortest is written (default: every one "
+        "that applies; 'exact' keeps the text verbatim, 'tokens' codes the text encoder's "
+        "token ids)",
     )
     parser.add_argument(
         "--seed",
@@ -55,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     captions = read_captions(args.captions_file) if args.captions_file else {}
     model = load_model(args.model, args.rate)
+    # a codec that does not apply to this model (tokens, another tokenizer) fails up front
+    text_codec.caption_codecs(model.tokenizer, args.caption_codec)
+    captioner = load_captioner(args.captioner) if args.captioner else None
     report, timer = Report(), StageTimer()
-    if args.caption is None and not captions:
+    if args.caption is None and not captions and captioner is None:
         report.note(None, "no captions given: files carry no caption (null text)")
 
     # read every image first, so bad files are reported before any work
@@ -81,12 +100,18 @@ def run(args: argparse.Namespace) -> int:
             for start in range(0, len(items), args.batch_size):
                 batch = items[start : start + args.batch_size]
                 images = torch.cat([img for _, img, _ in batch])
+                if captioner is not None:
+                    with timer("caption"):
+                        pils = [to_pil(img) for _, img, _ in batch]
+                        made = captioner(pils, [p.name for p, *_ in batch])
+                    batch = [(p, img, c) for (p, img, _), c in zip(batch, made, strict=True)]
                 results = codec.compress(
                     model,
                     images,
                     [c for *_, c in batch],
                     seed=args.seed,
                     crc=args.crc,
+                    caption_codecs=args.caption_codec,
                     timer=timer,
                 )
                 for (path, image, caption), (data, breakdown) in zip(batch, results, strict=True):
@@ -103,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                         entry["verify"] = verify(model, out, image, args, timer)
                     report.files.append(entry)
                 bar.update(len(batch))
-    # captions come from the user (or are absent): no captioning stage runs
+    # the "caption" stage appears only when --captioner ran a captioning model
     report.timings = timer.as_dict()
     return report.finish(args.json, print_table)
 

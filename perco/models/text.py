@@ -18,6 +18,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..captioning.text_codec import TokenCaption
+
 __all__ = ["NullTextEmbedding", "encode_captions", "check_tokenizer", "drop_captions"]
 
 
@@ -60,16 +62,28 @@ def encode_captions(
 ) -> torch.Tensor:
     """Captions → the text encoder's last hidden state ``(B, max_length, dim)``.
 
-    Padded to the tokenizer's ``model_max_length`` (77 for CLIP) as SD was trained.
+    Padded to the tokenizer's ``model_max_length`` (77 for CLIP) as SD was trained. A
+    :class:`~perco.captioning.text_codec.TokenCaption` (a caption read back from its
+    token ids) is not tokenized again: its ids go in as the tokenizer would place them.
     """
+    length = max_length or tokenizer.model_max_length
     ids = tokenizer(
-        list(captions),
+        [str(c) for c in captions],
         padding="max_length",
-        max_length=max_length or tokenizer.model_max_length,
+        max_length=length,
         truncation=True,
         return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0]
+    ).input_ids
+    for row, caption in enumerate(captions):
+        if isinstance(caption, TokenCaption):
+            ids[row] = token_row(tokenizer, caption.ids, length)
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def token_row(tokenizer, ids: Sequence[int], length: int) -> torch.Tensor:
+    """``BOS, ids…, EOS, padding`` to ``length``: the tokenizer's layout for given ids."""
+    body = [tokenizer.bos_token_id, *list(ids)[: length - 2], tokenizer.eos_token_id]
+    return torch.tensor(body + [tokenizer.pad_token_id] * (length - len(body)))
 
 
 def drop_captions(
