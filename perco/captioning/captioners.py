@@ -111,6 +111,16 @@ class VisionLanguageCaptioner(Captioner):
             name
         )
 
+    def _prompt_text(self, processor) -> str:
+        """The prompt in the model's chat format (image placeholder included) when the
+        processor has a chat template (IDEFICS2, LLaVA, ...), else as given."""
+        if getattr(processor, "chat_template", None):
+            content = [{"type": "image"}, {"type": "text", "text": self.prompt}]
+            return processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True
+            )
+        return self.prompt
+
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image], keys: Sequence[str]) -> list[str | None]:
         model, processor = self._load()
@@ -119,7 +129,7 @@ class VisionLanguageCaptioner(Captioner):
             batch = [im.convert("RGB") for im in images[start : start + self.batch_size]]
             kwargs = {"images": batch, "return_tensors": "pt"}
             if self.prompt is not None:
-                kwargs["text"] = [self.prompt] * len(batch)
+                kwargs["text"] = [self._prompt_text(processor)] * len(batch)
             inputs = processor(**kwargs).to(self.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             generated = model.generate(
