@@ -30,6 +30,7 @@ __all__ = [
     "taef2_perco",
     "load_taef2",
     "tiny_blip2",
+    "taef2_latent_metric",
 ]
 
 TEXT_DIM = 32
@@ -173,6 +174,33 @@ def load_taef2(
     return ae.requires_grad_(False)
 
 
+def taef2_latent_metric(
+    ae, folders: list[str | os.PathLike], latent_cache: str | os.PathLike, images: int = 4
+) -> list[list[float]]:
+    """The decoder's channel metric (:func:`~perco.models.autoencoders.latent_metric`)
+    on central 128-px windows of the first training images, cached beside the latent
+    cache (``<cache>.metric.json``)."""
+    import json
+
+    from .data.latent_crops import cached_latents
+    from .io import atomic_write
+    from .models.autoencoders import latent_metric
+
+    path = Path(f"{latent_cache}.metric.json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    latents = cached_latents(ae.raw_encode, folders, latent_cache)
+    windows = []
+    for name in sorted(latents)[:images]:
+        z = latents[name][None]
+        top, left = ((s - 16) // 2 for s in z.shape[-2:])
+        raw = z[..., top : top + 16, left : left + 16]
+        windows.append((raw - ae.latent_mean) / ae.latent_std)
+    metric = latent_metric(ae, windows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(metric)))
+    return metric
+
+
 def taef2_perco(
     rate: str | Rate,
     taef2_dir: str | os.PathLike,
@@ -180,9 +208,16 @@ def taef2_perco(
     latent_cache: str | os.PathLike | None = None,
     seed: int = 0,
     block_out_channels: tuple[int, ...] = (32, 64, 64),
+    pixel_metric: bool = True,
     **kwargs,
 ) -> PerCo:
     """A small PerCo on the pretrained TAEF2 autoencoder (32-channel latents, 8×).
+
+    ``pixel_metric``: measure the diffusion loss in the decoder's pixel metric on the
+    latent channels (``PerCoConfig.latent_metric``), estimated on the training images'
+    latents: two of TAEF2's 32 channels carry most of the luminance and colour is spread
+    over several, so a plain latent MSE spends the hyper-latent's bits on channels that
+    barely show.
 
     The U-Net is new (random init; attention only at its lowest resolution, 1/32 of the
     image); the text encoder is the tiny random CLIP of :func:`tiny_components`, used
@@ -210,6 +245,8 @@ def taef2_perco(
     kwargs.setdefault("guidance", "none")
     kwargs.setdefault("text_drop_prob", 0.0)
     ae = load_taef2(taef2_dir, folders, latent_cache)
+    if pixel_metric and folders:
+        kwargs.setdefault("latent_metric", taef2_latent_metric(ae, folders, latent_cache))
     return PerCo.from_components(
         ae, unet, c["text_encoder"], c["tokenizer"], scheduler, rate, **kwargs
     )

@@ -66,21 +66,32 @@ def jpeg(image: torch.Tensor, quality: int) -> tuple[torch.Tensor, int]:
     return load_image(io.BytesIO(buffer.getvalue()))[0], len(buffer.getvalue())
 
 
-def shuffled_control(model, data, steps: int, seed: int = 0):
-    """Decode each image from another image's z_l (same size), its own caption slot."""
-    images = [data[i]["image"] for i in range(len(data))]
-    parsed = [codec.parse(model, codec.compress(model, x[None])[0][0])[0] for x in images]
+def shuffle_pairs(sizes: list[tuple[int, int]], seed: int = 0) -> list[tuple[int, int]]:
+    """``(image, donor)`` pairs: within each size a random order shifted by one, so no
+    image is its own donor; an image alone in its size has no partner and is left out."""
     g = torch.Generator().manual_seed(seed)
     by_size = {}
-    for i, p in enumerate(parsed):
-        by_size.setdefault(p.size, []).append(i)
-    shuffled = list(parsed)
+    for i, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(i)
+    pairs = []
     for group in by_size.values():
-        perm = torch.randperm(len(group), generator=g).tolist()
-        perm = perm[1:] + perm[:1]  # a cyclic shift of a random order: no image keeps its own
-        for src, dst in zip((group[p] for p in perm), group, strict=True):
-            shuffled[dst] = replace(parsed[dst], indices=parsed[src].indices)
-    return images, codec.decompress(model, shuffled, steps=steps)
+        if len(group) > 1:
+            order = [group[k] for k in torch.randperm(len(group), generator=g).tolist()]
+            pairs += zip(order, order[1:] + order[:1], strict=True)
+    return sorted(pairs)
+
+
+def shuffled_control(model, data, steps: int, seed: int = 0):
+    """Decode images from another image's z_l of the same size (see :func:`shuffle_pairs`).
+
+    Returns the indices of the images kept, those images and their decodings.
+    """
+    images = [data[i]["image"] for i in range(len(data))]
+    parsed = [codec.parse(model, codec.compress(model, x[None])[0][0])[0] for x in images]
+    pairs = shuffle_pairs([p.size for p in parsed], seed)
+    shuffled = [replace(parsed[dst], indices=parsed[src].indices) for dst, src in pairs]
+    kept = [dst for dst, _ in pairs]
+    return kept, [images[i] for i in kept], codec.decompress(model, shuffled, steps=steps)
 
 
 def timing(model, image: torch.Tensor, steps: int) -> dict:
@@ -141,10 +152,13 @@ def main(argv=None) -> None:
     table["JPEG quality 1 (Pillow)"] = row
 
     top = args.rates[-1]
-    images, control = shuffled_control(models[top], data, args.steps)
-    table[f"control: {top} from shuffled z_l"] = score(images, control, backbones)
-    for i in range(min(4, len(data))):
-        save_image(control[i], args.out / "control" / f"{data.items[i].id}_0.png")
+    kept, images, control = shuffled_control(models[top], data, args.steps)
+    table[f"control: {top} from shuffled z_l ({len(kept)} images)"] = score(
+        images, control, backbones
+    )
+    for i, recon in zip(kept, control, strict=True):
+        if i < 4:
+            save_image(recon, args.out / "control" / f"{data.items[i].id}_0.png")
     eval_s = time.perf_counter() - start
 
     print(f"\nKodak ({len(data)} images, native size), {args.steps} steps, guidance none\n")

@@ -37,3 +37,15 @@ def test_bench_train_reports_each_mode():
     assert modes == {"linear", "full", "lora"} and len(rows) == 6
     state = {r["mode"]: float(r["AdamW state GB"]) for r in rows}
     assert state["lora"] < state["linear"] < state["full"]
+
+
+def test_bench_tiny_control_gives_every_image_another_image_of_its_size():
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "scripts" / "bench_tiny.py"), run_name="bench_tiny")
+    sizes = [(512, 768)] * 7 + [(768, 512)] + [(512, 768)] * 2 + [(768, 512)] * 3 + [(64, 64)]
+    pairs = bench["shuffle_pairs"](sizes, seed=0)
+    kept = [dst for dst, _ in pairs]
+    assert kept == [i for i in range(len(sizes)) if i != 13]  # alone in its size: left out
+    assert sorted(src for _, src in pairs) == kept  # a permutation of the kept images
+    assert all(dst != src and sizes[dst] == sizes[src] for dst, src in pairs)

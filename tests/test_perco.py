@@ -194,3 +194,42 @@ def test_predicted_x0_inverts_the_forward_process(prediction_type):
     noisy = sched.add_noise(x0, noise, t)
     target = sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
     torch.testing.assert_close(predicted_x0(sched, noisy, target, t), x0, atol=2e-4, rtol=1e-4)
+
+
+def test_min_snr_weighting_is_min_snr_over_snr_plus_one_for_v_prediction():
+    torch.manual_seed(0)
+    model = tiny_perco("r0.0059").eval()
+    image, caption = _photo_like(), [None]
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    for t in (10, 500, 990):
+        timesteps = torch.tensor([t])
+        with torch.no_grad():
+            plain = model(image, caption, timesteps=timesteps, noise=noise).diffusion
+            weighted = model(image, caption, timesteps=timesteps, noise=noise, snr_gamma=5.0)
+        alpha_bar = model.scheduler.alphas_cumprod[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        expected = plain * min(snr, 5.0) / (snr + 1)
+        assert weighted.diffusion == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_latent_metric_makes_the_loss_a_quadratic_form_of_the_error():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = tiny_perco("r0.0059").eval()
+    image, t = _photo_like(), torch.tensor([400])
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def loss(metric):
+        model.config = replace(model.config, latent_metric=metric)
+        with torch.no_grad():
+            return model(image, [None], timesteps=t, noise=noise).diffusion.item()
+
+    plain = loss(None)
+    assert loss(torch.eye(4).tolist()) == pytest.approx(plain, rel=1e-5)
+    parts = [loss(torch.diag(torch.eye(4)[c]).tolist()) for c in range(4)]  # one channel each
+    assert sum(parts) == pytest.approx(plain, rel=1e-5) and len({round(p, 6) for p in parts}) == 4
+    m1, m2 = torch.randn(4, 4), torch.randn(4, 2)
+    g1, g2 = m1 @ m1.T, m2 @ m2.T  # full rank and rank 2, not diagonal
+    both = loss((g1 + g2).tolist())
+    assert both == pytest.approx(loss(g1.tolist()) + loss(g2.tolist()), rel=1e-4)

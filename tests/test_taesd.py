@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from perco.data.latent_crops import taef2_latent_crops
@@ -98,3 +99,18 @@ def test_tiny_taef2_experiment_composes_and_trains_on_latent_windows(assets, tmp
     assert torch.equal(data.mean.flatten(), model.autoencoder.latent_mean.flatten())
     loss = model(None, batch["captions"], latents=batch["latents"]).loss
     assert torch.isfinite(loss)
+
+
+def test_taef2_pixel_metric_is_concentrated_and_not_diagonal(assets):
+    from perco.models.autoencoders import latent_metric
+
+    ae = load_taef2(assets / "taef2")
+    x = load_image(assets / "kodak" / "kodim23.png")[..., 192:320, 256:384]
+    metric = torch.tensor(latent_metric(ae, [ae.encode(x * 2 - 1)], probes=4))
+    assert torch.allclose(metric, metric.T) and torch.linalg.eigvalsh(metric).min() > -1e-6
+    diagonal = metric.diagonal()
+    assert diagonal.mean() == pytest.approx(1.0)
+    top2 = diagonal.sort(descending=True).values[:2].sum() / diagonal.sum()
+    assert top2 > 0.3  # 2 of 32 channels: a plain latent MSE would give them 1/16
+    off = metric - torch.diag(diagonal)
+    assert off.norm() > 0.1 * metric.norm()  # channels act together in pixels

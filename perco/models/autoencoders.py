@@ -15,7 +15,13 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-__all__ = ["Autoencoder", "SDAutoencoder", "AUTOENCODERS", "load_autoencoder"]
+__all__ = [
+    "Autoencoder",
+    "SDAutoencoder",
+    "AUTOENCODERS",
+    "load_autoencoder",
+    "latent_metric",
+]
 
 
 class Autoencoder(nn.Module):
@@ -84,3 +90,31 @@ def load_autoencoder(kind: str, path: str | os.PathLike, **kwargs) -> Autoencode
     if kind not in AUTOENCODERS:
         raise KeyError(f"unknown autoencoder {kind!r}; known: {', '.join(AUTOENCODERS)}")
     return AUTOENCODERS[kind].from_pretrained(path, **kwargs)
+
+
+def latent_metric(
+    autoencoder: Autoencoder, latents: list[torch.Tensor], probes: int = 8, seed: int = 0
+) -> list[list[float]]:
+    """The decoder's pixel metric on latent channels: a ``C × C`` matrix ``G``.
+
+    ``eᵀ G e`` (summed over latent positions) is the linearised pixel MSE that a latent
+    error ``e`` causes: ``G = Σ_p J_pᵀ J_p``, the per-position channel block of ``JᵀJ``
+    (``J``, the decoder's Jacobian), averaged over ``latents`` (each ``(1, C, h, w)``,
+    normalised as ``autoencoder.encode`` returns them) and scaled to a mean diagonal of 1.
+    Estimated with ``probes`` random pixel-space directions ``u`` per latent: the
+    vector–Jacobian products ``Jᵀu`` have exactly that covariance.
+    """
+    g = torch.Generator().manual_seed(seed)
+    channels = latents[0].shape[1]
+    total = torch.zeros(channels, channels, dtype=torch.float64)
+    for z in latents:
+        z = z.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = autoencoder.decode(z).float()
+            for k in range(probes):
+                u = torch.randn(out.shape, generator=g).to(out)
+                (vjp,) = torch.autograd.grad(out, z, u, retain_graph=k + 1 < probes)
+                v = vjp[0].flatten(1).double()
+                total += v @ v.T
+    total = (total + total.T) / 2
+    return (total / total.diagonal().mean()).tolist()

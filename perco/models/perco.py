@@ -64,6 +64,13 @@ class PerCoConfig:
         guidance_scale: ``λ`` of eq. 5 (the paper: 3).
         text_drop_prob: share of training samples whose caption is replaced by the null
             text (the paper: 10%).
+        latent_metric: a ``C × C`` positive semi-definite matrix ``G``; the diffusion
+            loss becomes ``eᵀ G e / C`` per latent position instead of ``|e|² / C``
+            (``None``: ``G = I``, the paper). For a many-channel latent whose channels
+            matter very unequally in pixels (TAEF2: two of 32 carry most of the
+            luminance, colour is spread over several), the decoder's own metric
+            (:func:`perco.models.autoencoders.latent_metric`) makes the loss a
+            linearised pixel MSE, so the hyper-latent's few bits go where they show.
     """
 
     rate: Rate
@@ -71,6 +78,7 @@ class PerCoConfig:
     guidance: GuidanceMode = "text"
     guidance_scale: float = 3.0
     text_drop_prob: float = 0.1
+    latent_metric: list[list[float]] | None = None
 
     def __post_init__(self):
         if isinstance(self.rate, dict):
@@ -344,8 +352,13 @@ class PerCo(nn.Module):
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        snr_gamma: float | None = None,
     ) -> PerCoLoss:
         """Training loss of a batch (paper eq. 3 with v- or ε-prediction, plus eq. 4).
+
+        ``snr_gamma``: Min-SNR-γ loss weighting (Hang et al. 2023), ``min(SNR, γ)`` in
+        x0 terms, which stops nearly clean timesteps from dominating; ``None``: the
+        paper's unweighted loss.
 
         ``timesteps`` and ``noise`` are drawn when not given; in training mode captions
         are dropped to the null text with probability ``config.text_drop_prob``. A CPU
@@ -386,7 +399,21 @@ class PerCo(nn.Module):
 
         unet_in = torch.cat([noisy, spatial], dim=1).to(self.unet.dtype)
         pred = self.unet(unet_in, timesteps, text.to(self.unet.dtype)).sample
-        diffusion = F.mse_loss(pred.float(), target.float())
+        error = pred.float() - target.float()
+        if self.config.latent_metric is not None:  # eᵀGe = |Ae|² with A = Λ^½ Qᵀ
+            eigenvalues, eigenvectors = torch.linalg.eigh(
+                torch.tensor(self.config.latent_metric, dtype=torch.float64)
+            )
+            a = (eigenvalues.clamp(min=0).sqrt()[:, None] * eigenvectors.T).float()
+            error = torch.einsum("cd,bdhw->bchw", a.to(error.device), error)
+        per_sample = error.pow(2).mean(dim=(1, 2, 3))
+        if snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(sched, timesteps).float()
+            v_pred = sched.config.prediction_type == "v_prediction"
+            per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr + 1 if v_pred else snr)
+        diffusion = per_sample.mean()
         x0 = predicted_x0(sched, noisy, pred, timesteps)
         return PerCoLoss(
             loss=diffusion + q.loss,

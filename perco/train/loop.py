@@ -12,7 +12,9 @@ share, whether all ranks ended with identical weights and codebooks).
 Options: an EMA of the trained weights (``trainer.ema_decay``; the exported model then
 carries the averaged weights, checkpoints keep both), and LPIPS between each image and
 the decoding of the U-Net's x0 estimate (``trainer.lpips_weight``; the paper's optional
-image-level loss, useful at high rates, where x0 is close to the image).
+image-level loss, useful at high rates, where x0 is close to the image), timesteps drawn
+from an N-step sampler grid (``trainer.timestep_grid``; the paper trains with 50), and
+Min-SNR-γ loss weighting (``trainer.snr_gamma``).
 
 The PerCo module goes through ``prepare`` whole: DDP only reduces gradients of the
 parameters that require them (the frozen parts carry none), and
@@ -22,6 +24,7 @@ does not use.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -222,6 +225,11 @@ def train(cfg: DictConfig) -> dict:
         model, optimizer, loader, lr_scheduler
     )
     unwrapped: PerCo = accelerator.unwrap_model(model)
+    grid = None
+    if tc.get("timestep_grid"):
+        sampler = copy.deepcopy(unwrapped.scheduler)
+        sampler.set_timesteps(tc.timestep_grid)
+        grid = sampler.timesteps.cpu()
 
     if tc.resume:
         checkpoint = _latest_checkpoint(out) if tc.resume == "latest" else Path(tc.resume)
@@ -279,12 +287,18 @@ def train(cfg: DictConfig) -> dict:
             generator = torch.Generator().manual_seed(
                 hash((tc.seed, state.step, state.batch_in_epoch, accelerator.process_index)) % 2**63
             )
+            timesteps = None
+            if grid is not None:  # t from the sampler's grid (paper: trained with 50 steps)
+                n = len(batch["captions"])
+                timesteps = grid[torch.randint(len(grid), (n,), generator=generator)]
             with accelerator.accumulate(model):
                 losses = model(
                     batch.get("images"),
                     batch["captions"],
                     latents=batch.get("latents"),
+                    timesteps=timesteps,
                     generator=generator,
+                    snr_gamma=tc.get("snr_gamma"),
                 )
                 loss = losses.loss
                 if perceptual is not None:
