@@ -81,13 +81,19 @@ def shuffle_pairs(sizes: list[tuple[int, int]], seed: int = 0) -> list[tuple[int
     return sorted(pairs)
 
 
-def shuffled_control(model, data, steps: int, seed: int = 0):
+def shuffled_control(model, data, steps: int, latent_cache: dict, seed: int = 0):
     """Decode images from another image's z_l of the same size (see :func:`shuffle_pairs`).
 
-    Returns the indices of the images kept, those images and their decodings.
+    ``latent_cache``: the autoencoder latents the evaluation computed, keyed by
+    ``(image id, padded height, padded width)``. Returns the indices of the images kept,
+    those images and their decodings.
     """
     images = [data[i]["image"] for i in range(len(data))]
-    parsed = [codec.parse(model, codec.compress(model, x[None])[0][0])[0] for x in images]
+    parsed = []
+    for item, x in zip(data.items, images, strict=True):
+        z = latent_cache.get((item.id, *model.padded_size(*x.shape[-2:])))
+        ((data_bytes, _),) = codec.compress(model, x[None], latents=z)
+        parsed.append(codec.parse(model, data_bytes)[0])
     pairs = shuffle_pairs([p.size for p in parsed], seed)
     shuffled = [replace(parsed[dst], indices=parsed[src].indices) for dst, src in pairs]
     kept = [dst for dst, _ in pairs]
@@ -152,7 +158,7 @@ def main(argv=None) -> None:
     table["JPEG quality 1 (Pillow)"] = row
 
     top = args.rates[-1]
-    kept, images, control = shuffled_control(models[top], data, args.steps)
+    kept, images, control = shuffled_control(models[top], data, args.steps, latent_cache)
     table[f"control: {top} from shuffled z_l ({len(kept)} images)"] = score(
         images, control, backbones
     )

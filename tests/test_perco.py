@@ -233,3 +233,20 @@ def test_latent_metric_makes_the_loss_a_quadratic_form_of_the_error():
     g1, g2 = m1 @ m1.T, m2 @ m2.T  # full rank and rank 2, not diagonal
     both = loss((g1 + g2).tolist())
     assert both == pytest.approx(loss(g1.tolist()) + loss(g2.tolist()), rel=1e-4)
+
+
+def test_lowpass_term_adds_the_loss_of_the_window_averaged_error():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = tiny_perco("r0.0059").eval()
+    image, t = _photo_like(), torch.tensor([400])
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = model(image, [None], timesteps=t, noise=noise).diffusion.item()
+        model.config = replace(model.config, lowpass_weight=2.0, lowpass_size=8)  # whole latent
+        both = model(image, [None], timesteps=t, noise=noise).diffusion.item()
+        model.config = replace(model.config, lowpass_size=1)  # windows of one: the error itself
+        single = model(image, [None], timesteps=t, noise=noise).diffusion.item()
+    assert plain < both < 3 * plain  # the mean error of the latent counts, but less than all
+    assert single == pytest.approx(3 * plain, rel=1e-5)

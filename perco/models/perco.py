@@ -71,6 +71,12 @@ class PerCoConfig:
             luminance, colour is spread over several), the decoder's own metric
             (:func:`perco.models.autoencoders.latent_metric`) makes the loss a
             linearised pixel MSE, so the hyper-latent's few bits go where they show.
+        lowpass_weight: ``w`` of an extra loss term on the error averaged over
+            ``lowpass_size × lowpass_size`` latent windows (``0``: none, the paper). An
+            error that is constant over a window then costs ``1 + w`` times as much as
+            before, an error that averages out costs nothing more: the index bits go
+            first to regional means (colour, brightness), as JPEG's DC coefficients do.
+        lowpass_size: window of ``lowpass_weight``, in latent positions.
     """
 
     rate: Rate
@@ -79,6 +85,8 @@ class PerCoConfig:
     guidance_scale: float = 3.0
     text_drop_prob: float = 0.1
     latent_metric: list[list[float]] | None = None
+    lowpass_weight: float = 0.0
+    lowpass_size: int = 4
 
     def __post_init__(self):
         if isinstance(self.rate, dict):
@@ -407,6 +415,11 @@ class PerCo(nn.Module):
             a = (eigenvalues.clamp(min=0).sqrt()[:, None] * eigenvectors.T).float()
             error = torch.einsum("cd,bdhw->bchw", a.to(error.device), error)
         per_sample = error.pow(2).mean(dim=(1, 2, 3))
+        if self.config.lowpass_weight:
+            regional = F.avg_pool2d(error, self.config.lowpass_size, ceil_mode=True)
+            per_sample = per_sample + self.config.lowpass_weight * regional.pow(2).mean(
+                dim=(1, 2, 3)
+            )
         if snr_gamma:
             from diffusers.training_utils import compute_snr
 
