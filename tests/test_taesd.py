@@ -95,7 +95,9 @@ def test_tiny_taef2_experiment_composes_and_trains_on_latent_windows(assets, tmp
     data = instantiate(cfg.data)
     assert isinstance(model.autoencoder, TinyAutoencoder) and model.config.guidance == "none"
     batch = collate([data[0], data[1]])
-    assert batch["latents"].shape == (2, 32, 32, 32) and "images" not in batch
+    assert batch["latents"].shape == (2, 32, 16, 16) and "images" not in batch  # 128-px crops
+    metric = torch.tensor(model.config.latent_metric)
+    assert metric.shape == (32, 32) and model.config.lowpass_weight > 0
     assert torch.equal(data.mean.flatten(), model.autoencoder.latent_mean.flatten())
     loss = model(None, batch["captions"], latents=batch["latents"]).loss
     assert torch.isfinite(loss)
