@@ -23,13 +23,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from perco import codec
 from perco.cli._common import load_model
 from perco.data.eval_sets import kodak
 from perco.evaluate import Backbones, EvalSettings, evaluate
-from perco.io import load_image, save_image
+from perco.io import load_image, save_image, to_pil
 from perco.metrics import (
     AlexNetFeatures,
     LPIPSDistance,
@@ -60,9 +59,8 @@ def score(originals, recons, backbones) -> dict:
 
 
 def jpeg(image: torch.Tensor, quality: int) -> tuple[torch.Tensor, int]:
-    pil = Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy())
     buffer = io.BytesIO()
-    pil.save(buffer, format="JPEG", quality=quality)
+    to_pil(image).save(buffer, format="JPEG", quality=quality)
     return load_image(io.BytesIO(buffer.getvalue()))[0], len(buffer.getvalue())
 
 
