@@ -19,7 +19,9 @@ file; the default header is 8 bytes. Format version 1, byte by byte (big-endian)
     then, only where byte 1 says so, in this order:
       seed      unsigned LEB128 varint (1 byte below 128, 2 below 16384, ...)
       codec id  1 byte: caption codec for ids beyond raw DEFLATE (4 exact text, 5 token
-                ids; :mod:`perco.captioning.text_codec`)
+                ids; :mod:`perco.captioning.text_codec`), or 6: the global context is
+                not a caption but the product-quantizer codes of an image embedding
+                (PerCo-Image)
       CRC-16    2 bytes: CRC-CCITT (``binascii.crc_hqx``, initial value 0) of every
                 other byte of the file, header and payload
 
@@ -28,7 +30,9 @@ file; the default header is 8 bytes. Format version 1, byte by byte (big-endian)
                 radix (:func:`pack_indices`): ``ceil(h·w·log2 V)`` bits (chunks of
                 :func:`perco.rates.chunk_length` indices for very large images, each
                 losing under one bit), then zero bits up to the next byte, once
-      caption   the rest of the file, in the caption codec
+      caption   the rest of the file, in the caption codec; with codec id 6, the ``M``
+                codes of the image embedding instead, packed like the indices
+                (``ceil(M·log2 V)`` bits; ``M`` and ``V`` are the decoding model's)
 
 Rate ids index :data:`perco.rates.RATES` in table order (0 = r0.0019 ... 7 = r0.1250);
 rungs added later get the next ids; 15 means "the decoding model's own custom rate".
@@ -92,7 +96,8 @@ _RATE_IDS = {name: i for i, name in enumerate(RATES)}
 _SMALL_BITS, _LARGE_BITS = 14, 22
 
 CAPTION_NONE, CAPTION_ZLIB, CAPTION_DEFLATE, CAPTION_EXTENDED = NONE, ZLIB, DEFLATE, EXTENDED
-CAPTION_CODECS = CODEC_NAMES
+GLOBAL_PQ = 6  # extended codec id: product-quantized image embedding (PerCo-Image)
+CAPTION_CODECS = {**CODEC_NAMES, GLOBAL_PQ: "image-pq"}
 
 
 class BitstreamError(ValueError):
@@ -169,6 +174,8 @@ class CompressedImage:
         size: original ``(height, width)``.
         rate: the rung.
         seed: the sampler seed the decoder should use.
+        global_codes: ``(M,)`` product-quantizer codes of the image embedding that
+            replaces the caption (PerCo-Image), or ``None``.
     """
 
     indices: np.ndarray
@@ -176,6 +183,7 @@ class CompressedImage:
     size: tuple[int, int]
     rate: Rate
     seed: int = DEFAULT_SEED
+    global_codes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -268,12 +276,14 @@ def write(
     latent_factor: int = 8,
     crc: bool = False,
     caption_codecs: dict[int, CaptionCodec] | None = None,
+    global_codebook: int | None = None,
 ) -> tuple[bytes, Breakdown]:
     """Serialise ``image``; returns the file bytes and their breakdown.
 
     The caption is written with the shortest of ``caption_codecs`` (see
     :func:`perco.captioning.text_codec.caption_codecs`; default: zlib, raw DEFLATE and
-    the exact-text coder, which need no tokenizer).
+    the exact-text coder, which need no tokenizer). An image with ``global_codes``
+    (PerCo-Image) has no caption; ``global_codebook`` is ``V`` of those codes.
     """
     height, width = image.size
     h, w = hyper_latent_size(image.rate, height, width, latent_factor)
@@ -287,7 +297,14 @@ def write(
     if len(fingerprint) < 2:
         raise ValueError("fingerprint needs at least 2 bytes")
 
-    codec, caption = encode_caption(image.caption, caption_codecs)
+    if image.global_codes is not None:
+        if image.caption is not None:
+            raise ValueError("an image with global embedding codes carries no caption")
+        if global_codebook is None:
+            raise ValueError("writing global embedding codes needs their codebook size")
+        codec, caption = GLOBAL_PQ, pack_indices(image.global_codes, global_codebook)
+    else:
+        codec, caption = encode_caption(image.caption, caption_codecs)
     large = max(height, width) > 1 << _SMALL_BITS
     has_seed = image.seed != DEFAULT_SEED
     extended = codec >= CAPTION_EXTENDED
@@ -363,16 +380,23 @@ def read(
     rate: Rate,
     latent_factor: int = 8,
     caption_codecs: dict[int, CaptionCodec] | None = None,
+    global_codes: tuple[int, int] | None = None,
 ) -> tuple[CompressedImage, Breakdown]:
     """Parse a file for the model with this ``fingerprint``, ``rate`` and latent factor.
 
     ``caption_codecs``: the decoding model's (the ``tokens`` codec needs its tokenizer).
+    ``global_codes``: ``(M, V)`` of the model's product quantizer (PerCo-Image).
     Raises :class:`BitstreamError` for anything that is not a valid file for this model.
     """
     header = read_header(data)
     check_model(header, fingerprint=fingerprint, rate=rate)
     return read_payload(
-        data, header, rate=rate, latent_factor=latent_factor, caption_codecs=caption_codecs
+        data,
+        header,
+        rate=rate,
+        latent_factor=latent_factor,
+        caption_codecs=caption_codecs,
+        global_codes=global_codes,
     )
 
 
@@ -397,8 +421,10 @@ def read_payload(
     rate: Rate,
     latent_factor: int = 8,
     caption_codecs: dict[int, CaptionCodec] | None = None,
+    global_codes: tuple[int, int] | None = None,
 ) -> tuple[CompressedImage, Breakdown]:
-    """Check the CRC (if any) and parse the indices and caption that follow the header."""
+    """Check the CRC (if any) and parse the indices and caption (or, for PerCo-Image, the
+    ``global_codes = (M, V)`` embedding codes) that follow the header."""
     if header.crc is not None:
         covered = data[: header.length - 2] + data[header.length :]
         if binascii.crc_hqx(covered, 0) != header.crc:
@@ -410,11 +436,21 @@ def read_payload(
     if len(data) < end:
         raise BitstreamError(f"truncated index payload ({len(data)} of {end} bytes)")
     indices = unpack_indices(data[header.length : end], h * w, rate.codebook_size)
-    try:
-        caption = decode_caption(header.caption_codec, data[end:], caption_codecs)
-    except CaptionCodingError as e:
-        raise BitstreamError(str(e)) from None
-    image = CompressedImage(indices.reshape(h, w), caption, (height, width), rate, header.seed)
+    caption, codes = None, None
+    if header.caption_codec == GLOBAL_PQ:
+        if global_codes is None:
+            raise BitstreamError("the file carries an image embedding; this model takes captions")
+        codes = unpack_indices(data[end:], *global_codes)
+    elif global_codes is not None:
+        raise BitstreamError("the file carries a caption; this model takes an image embedding")
+    else:
+        try:
+            caption = decode_caption(header.caption_codec, data[end:], caption_codecs)
+        except CaptionCodingError as e:
+            raise BitstreamError(str(e)) from None
+    image = CompressedImage(
+        indices.reshape(h, w), caption, (height, width), rate, header.seed, codes
+    )
     return image, Breakdown(
         size=(height, width),
         file_bytes=len(data),

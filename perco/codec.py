@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import bitstream
@@ -58,11 +59,15 @@ def compress(
     check_image_size(model, *images.shape[-2:])
     encoded = model.encode(images, captions, latents=latents, timer=timer)
     codecs = text_codec.caption_codecs(model.tokenizer, caption_codecs)
+    pq = _global_codebook(model)
     out = []
-    for indices, caption, size in zip(
-        encoded.indices, encoded.captions, encoded.sizes, strict=True
+    for i, (indices, caption, size) in enumerate(
+        zip(encoded.indices, encoded.captions, encoded.sizes, strict=True)
     ):
-        image = CompressedImage(indices.cpu().numpy(), caption, size, model.rate, seed)
+        codes = None if encoded.global_codes is None else encoded.global_codes[i].cpu().numpy()
+        image = CompressedImage(
+            indices.cpu().numpy(), caption, size, model.rate, seed, global_codes=codes
+        )
         out.append(
             bitstream.write(
                 image,
@@ -70,9 +75,16 @@ def compress(
                 latent_factor=model.autoencoder.factor,
                 crc=crc,
                 caption_codecs=codecs,
+                global_codebook=None if pq is None else pq[1],
             )
         )
     return out
+
+
+def _global_codebook(model: PerCo) -> tuple[int, int] | None:
+    """``(M, V)`` of a PerCo-Image model's product quantizer, else ``None``."""
+    pq = getattr(model, "image_quantizer", None)
+    return None if pq is None else (pq.config.num_subvectors, pq.config.codebook_size)
 
 
 def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
@@ -83,6 +95,7 @@ def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
         rate=model.rate,
         latent_factor=model.autoencoder.factor,
         caption_codecs=text_codec.caption_codecs(model.tokenizer),
+        global_codes=_global_codebook(model),
     )
 
 
@@ -102,11 +115,13 @@ def decompress(
     guidance_scale: float | None = None,
     timer: StageTimer | None = None,
     progress=None,
+    coarse: bool = False,
 ) -> list[torch.Tensor]:
     """Decode parsed files; returns ``(3, H, W)`` images in ``[0, 1]`` in input order.
 
     Images that pad to the same size are decoded together, ``batch_size`` at a time; each
     uses its own file's seed, so a result does not depend on how files were batched.
+    ``coarse``: the SPRDiff-style model's coarse reconstructions instead (no diffusion).
     """
     groups: dict[tuple[int, int], list[_Item]] = defaultdict(list)
     for i, image in enumerate(images):
@@ -120,21 +135,27 @@ def decompress(
                 model.pad_indices(torch.from_numpy(it.image.indices)[None], padded)[0]
                 for it in batch
             ]
+            codes = [it.image.global_codes for it in batch]
             encoded = EncodedImages(
                 indices=torch.stack(indices),
                 captions=[it.image.caption for it in batch],
                 sizes=[it.image.size for it in batch],
                 padded_size=padded,
                 rate=model.rate.name,
+                global_codes=None if codes[0] is None else torch.as_tensor(np.stack(codes)),
             )
             generators = [torch.Generator().manual_seed(it.image.seed) for it in batch]
-            decoded = model.decode(
-                encoded,
-                steps=steps,
-                guidance=guidance,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                timer=timer,
+            decoded = (
+                model.coarse(encoded)
+                if coarse
+                else model.decode(
+                    encoded,
+                    steps=steps,
+                    guidance=guidance,
+                    guidance_scale=guidance_scale,
+                    generator=generators,
+                    timer=timer,
+                )
             )
             for it, img in zip(batch, decoded, strict=True):
                 results[it.position] = img

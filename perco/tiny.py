@@ -121,12 +121,27 @@ TINY_HYPER_ENCODER = {"channels": 32, "out_channels": 64}
 TINY_QUANTIZER = {"codebook_dim": 8}
 
 
-def tiny_perco(rate: str | Rate = "r0.0019", seed: int = 0, **kwargs) -> PerCo:
-    """A tiny PerCo with random weights (``kwargs`` go to :meth:`PerCo.from_components`)."""
+def variant_class(variant: str) -> type[PerCo]:
+    """The model class of a variant name (``perco``, ``perco_image``, ``sprdiff_style``)."""
+    import importlib
+
+    from .models.perco import VARIANTS
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+    module, _, name = VARIANTS[variant].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def tiny_perco(
+    rate: str | Rate = "r0.0019", seed: int = 0, variant: str = "perco", **kwargs
+) -> PerCo:
+    """A tiny PerCo (or ``variant``) with random weights; ``kwargs`` go to the variant's
+    ``from_components``."""
     c = tiny_components(seed)
     kwargs.setdefault("hyper_encoder", TINY_HYPER_ENCODER)
     kwargs.setdefault("quantizer", TINY_QUANTIZER)
-    return PerCo.from_components(
+    return variant_class(variant).from_components(
         c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"], rate, **kwargs
     )
 
@@ -209,6 +224,7 @@ def taef2_perco(
     seed: int = 0,
     block_out_channels: tuple[int, ...] = (32, 64, 64),
     pixel_metric: bool = True,
+    variant: str = "perco",
     **kwargs,
 ) -> PerCo:
     """A small PerCo on the pretrained TAEF2 autoencoder (32-channel latents, 8×).
@@ -222,7 +238,8 @@ def taef2_perco(
     The U-Net is new (random init; attention only at its lowest resolution, 1/32 of the
     image); the text encoder is the tiny random CLIP of :func:`tiny_components`, used
     only for its null-text slot: with no captions (``guidance="none"``) the U-Net is
-    conditioned on the hyper-latent alone. ``kwargs`` go to :meth:`PerCo.from_components`.
+    conditioned on the hyper-latent alone. ``variant`` picks the model class
+    (``perco_image``, ``sprdiff_style``); ``kwargs`` go to its ``from_components``.
     """
     c = tiny_components(seed)
     torch.manual_seed(seed)
@@ -247,7 +264,7 @@ def taef2_perco(
     ae = load_taef2(taef2_dir, folders, latent_cache)
     if pixel_metric and folders:
         kwargs.setdefault("latent_metric", taef2_latent_metric(ae, folders, latent_cache))
-    return PerCo.from_components(
+    return variant_class(variant).from_components(
         ae, unet, c["text_encoder"], c["tokenizer"], scheduler, rate, **kwargs
     )
 
@@ -313,3 +330,30 @@ def tiny_blip2(seed: int = 0, image_size: int = 32):
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=queries)
     return model, processor
+
+
+def save_tiny_open_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32) -> Path:
+    """A random open_clip ViT-CLIP a few hundred kB in size, written as an open_clip
+    folder (``open_clip_config.json`` + ``open_clip_model.safetensors``), so that
+    ``load_vision_encoder("open_clip:local-dir:<path>")`` reads it through
+    ``open_clip.create_model``: the stand-in for pretrained CLIP weights in tests."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 32, "patch_size": 8,
+                       "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 1},
+    }  # fmt: skip
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**config)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path / "open_clip_model.safetensors")
+    return path

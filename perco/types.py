@@ -45,6 +45,8 @@ class EncodedImages:
         sizes: original ``(height, width)`` per image.
         padded_size: ``(height, width)`` after padding, shared by the batch.
         rate: name of the rung the indices were produced at.
+        global_codes: ``(B, M)`` product-quantizer codes of a global image embedding
+            (PerCo-Image), or ``None``.
     """
 
     indices: torch.Tensor
@@ -52,6 +54,7 @@ class EncodedImages:
     sizes: list[tuple[int, int]]
     padded_size: tuple[int, int]
     rate: str
+    global_codes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.indices.shape[0]
@@ -62,13 +65,15 @@ class PerCoLoss:
     """Training losses of one batch (paper eq. 3–4) and quantizer statistics.
 
     Attributes:
-        loss: the total to backpropagate, ``diffusion + vq``.
+        loss: the total to backpropagate, ``diffusion + vq + image``.
         diffusion: mean squared error of the U-Net prediction (ε or v, per scheduler).
         vq: the quantizer's commitment loss (zero with EMA-only training).
         perplexity: code perplexity of the batch.
         usage: fraction of the codebook used by the batch.
         x0: the clean latent implied by the U-Net's prediction (with gradients), for
             image-level losses on its decoding.
+        image: a variant's own image loss, already weighted (the SPRDiff-style coarse
+            reconstruction loss); zero for PerCo.
     """
 
     loss: torch.Tensor
@@ -77,3 +82,4 @@ class PerCoLoss:
     perplexity: torch.Tensor
     usage: torch.Tensor
     x0: torch.Tensor
+    image: torch.Tensor | None = None

@@ -44,9 +44,15 @@ from .quantizer import VectorQuantizer
 from .text import NullTextEmbedding, check_tokenizer, drop_captions, encode_captions
 from .unet_adapter import widen_conv_in
 
-__all__ = ["PerCo", "PerCoConfig", "predicted_x0"]
+__all__ = ["PerCo", "PerCoConfig", "Local", "predicted_x0", "VARIANTS"]
 
 CONFIG_NAME = "perco.json"
+# model variants by the name ``perco.json`` records: PerCo.from_pretrained builds the right one
+VARIANTS = {
+    "perco": "perco.models.perco:PerCo",
+    "perco_image": "perco.models.perco_image:PerCoImage",
+    "sprdiff_style": "perco.models.sprdiff:SPRDiffStyle",
+}
 Condition = Literal["codes", "projected"]
 Trainable = Literal["linear", "full", "lora", "none"]
 
@@ -101,6 +107,22 @@ class PerCoConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class Local:
+    """What the coded hyper-latent gives the U-Net.
+
+    Attributes:
+        spatial: channels concatenated to ``x_t`` on the latent grid.
+        tokens: extra cross-attention tokens derived from ``z_l`` (kept in both guidance
+            branches), or ``None``.
+        coarse: a coarse RGB reconstruction ``(B, 3, H, W)`` (SPRDiff-style), or ``None``.
+    """
+
+    spatial: torch.Tensor
+    tokens: torch.Tensor | None = None
+    coarse: torch.Tensor | None = None
+
+
 def predicted_x0(
     scheduler, noisy: torch.Tensor, pred: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
@@ -124,6 +146,8 @@ class PerCo(nn.Module):
     are padded to :attr:`pad_multiple` and cropped back after decoding.
     """
 
+    variant = "perco"
+
     def __init__(
         self,
         autoencoder: Autoencoder,
@@ -135,8 +159,15 @@ class PerCo(nn.Module):
         null_text: NullTextEmbedding,
         scheduler,
         config: PerCoConfig,
+        **components: nn.Module,
     ):
         super().__init__()
+        own = set(self._MODULES) - set(PerCo._MODULES)
+        if set(components) != own:
+            raise TypeError(f"{type(self).__name__} takes components {sorted(own)}, "
+                            f"got {sorted(components)}")  # fmt: skip
+        for name, module in components.items():  # a variant's own, before the checks
+            setattr(self, name, module)
         self.autoencoder = autoencoder
         self.hyper_encoder = hyper_encoder
         self.quantizer = quantizer
@@ -275,6 +306,7 @@ class PerCo(nn.Module):
         scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
         return {
             **self.config.to_dict(),
+            "variant": self.variant,
             "autoencoder": self.autoencoder.name,
             "scheduler_class": type(self.scheduler).__name__,
             "scheduler": scheduler,
@@ -299,11 +331,48 @@ class PerCo(nn.Module):
                 f"hyper-encoder takes {he.in_channels} channels, the autoencoder gives "
                 f"{self.autoencoder.latent_channels}"
             )
-        extra = vq.dim if self.config.condition == "projected" else vq.codebook_dim
-        want = self.autoencoder.latent_channels + extra
+        want = self.autoencoder.latent_channels + self.local_channels
         if self.unet.config.in_channels != want:
             got = self.unet.config.in_channels
             raise ValueError(f"U-Net takes {got} input channels, expected {want}")
+
+    @property
+    def local_channels(self) -> int:
+        """Channels concatenated to ``x_t`` (the widening of ``conv_in``)."""
+        vq = self.quantizer.config
+        return vq.dim if self.config.condition == "projected" else vq.codebook_dim
+
+    # -- what variants change -----------------------------------------------------------
+    def _hyper_input(self, latents: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """What the hyper-encoder sees: the autoencoder latent (PerCo)."""
+        return latents
+
+    def _local(self, codes: torch.Tensor, latent_size: tuple[int, int]) -> Local:
+        """The U-Net's conditions from the code vectors ``(B, codebook_dim, h, w)``."""
+        return Local(self._spatial(codes, latent_size))
+
+    def _global(
+        self, images: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(global embedding, its codes)`` of padded images besides the caption (none)."""
+        return None, None
+
+    def _global_from_codes(self, codes: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def _context(
+        self, captions: Sequence[str | None], embedding: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(context, null context)`` for cross-attention: the caption and the null text."""
+        return self._text(captions), self.null_text(len(captions)).to(self.device)
+
+    def _image_loss(self, local: Local, images: torch.Tensor | None) -> torch.Tensor | None:
+        """A variant's own image loss on its conditions (none for PerCo)."""
+        return None
+
+    @staticmethod
+    def _append(context: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        return context if tokens is None else torch.cat([context, tokens.to(context)], dim=1)
 
     # -- shared steps ---------------------------------------------------------------
     def _pad(self, images: torch.Tensor) -> torch.Tensor:
@@ -374,8 +443,9 @@ class PerCo(nn.Module):
         drop, codebook restarts) reproducible. ``latents`` (from the latent pre-pass of
         :mod:`perco.data.latents`, made with this model's autoencoder) replace ``images``.
         """
+        padded = None if images is None else self._pad(images.to(self.device))
         if latents is None:
-            latents = self._latents(self._pad(images))
+            latents = self._latents(padded)
         else:
             if latents.shape[1] != self.autoencoder.latent_channels:
                 raise ValueError(
@@ -383,12 +453,13 @@ class PerCo(nn.Module):
                     f"gives {self.autoencoder.latent_channels}: pre-computed with another one?"
                 )
             latents = latents.to(self.device, self.unet.dtype)
-        q = self.quantizer(self.hyper_encoder(latents), generator)
-        spatial = self._spatial(q.codes, latents.shape[-2:])
-        text = self._text(captions)
+        q = self.quantizer(self.hyper_encoder(self._hyper_input(latents, padded)), generator)
+        local = self._local(q.codes, latents.shape[-2:])
+        text, null = self._context(captions, self._global(padded)[0])
         p_drop = self.config.text_drop_prob
         if self.training and p_drop > 0:
-            text = drop_captions(text, self.null_text(len(captions)), p_drop, generator)
+            text = drop_captions(text, null, p_drop, generator)
+        text = self._append(text, local.tokens)
 
         sched = self.scheduler
         if noise is None:
@@ -405,7 +476,7 @@ class PerCo(nn.Module):
         else:
             raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r}")
 
-        unet_in = torch.cat([noisy, spatial], dim=1).to(self.unet.dtype)
+        unet_in = torch.cat([noisy, local.spatial], dim=1).to(self.unet.dtype)
         pred = self.unet(unet_in, timesteps, text.to(self.unet.dtype)).sample
         error = pred.float() - target.float()
         if self.config.latent_metric is not None:  # eᵀGe = |Ae|² with A = Λ^½ Qᵀ
@@ -428,13 +499,16 @@ class PerCo(nn.Module):
             per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr + 1 if v_pred else snr)
         diffusion = per_sample.mean()
         x0 = predicted_x0(sched, noisy, pred, timesteps)
+        image = self._image_loss(local, padded)
+        loss = diffusion + q.loss
         return PerCoLoss(
-            loss=diffusion + q.loss,
+            loss=loss if image is None else loss + image,
             diffusion=diffusion.detach(),
             vq=q.loss.detach(),
             perplexity=q.perplexity,
             usage=q.usage,
             x0=x0,
+            image=None if image is None else image.detach(),
         )
 
     def set_trainable(self, unet: Trainable = "linear", lora_rank: int = 16) -> list[nn.Parameter]:
@@ -471,6 +545,8 @@ class PerCo(nn.Module):
                 p.requires_grad_("lora_" in name)
         for m in (self.hyper_encoder, self.quantizer, self.unet.conv_in, self.null_text):
             m.requires_grad_(True)
+        for name in self._TRAINED:
+            getattr(self, name).requires_grad_(True)
         return [p for p in self.parameters() if p.requires_grad]
 
     # -- the codec --------------------------------------------------------------------
@@ -503,7 +579,10 @@ class PerCo(nn.Module):
         else:
             latents = latents.to(self.device)
         with stage(timer, "hyper-encoder"):
-            indices = self.quantizer.encode(self.hyper_encoder(latents))
+            hyper = self.hyper_encoder(self._hyper_input(latents, padded))
+            indices = self.quantizer.encode(hyper)
+        with stage(timer, "global embedding"):
+            global_codes = self._global(padded)[1]
         gh, gw = self.index_grid(h, w)
         indices = indices[:, :gh, :gw]  # cells that cover only padding are not coded
         return EncodedImages(
@@ -512,6 +591,7 @@ class PerCo(nn.Module):
             sizes=[(h, w)] * b,
             padded_size=tuple(padded.shape[-2:]),
             rate=self.rate.name,
+            global_codes=global_codes,
         )
 
     @torch.no_grad()
@@ -541,18 +621,19 @@ class PerCo(nn.Module):
         b = len(encoded)
         if generator is None:
             generator = [torch.Generator().manual_seed(seed) for _ in range(b)]
-        latent_size = tuple(s // self.autoencoder.factor for s in encoded.padded_size)
-        indices = self.pad_indices(encoded.indices.to(self.device), encoded.padded_size)
-        spatial = self._spatial(self.quantizer.lookup(indices), latent_size)
+        with stage(timer, "conditions"):
+            local = self._decode_local(encoded)
         with stage(timer, "text encoding"):
-            text = self._text(encoded.captions)
+            codes = encoded.global_codes
+            embedding = self._global_from_codes(None if codes is None else codes.to(self.device))
+            text, null = self._context(encoded.captions, embedding)
         with stage(timer, "decode steps"):
             latents = sample(
                 self.unet,
                 self.scheduler,
-                spatial,
-                text,
-                self.null_text(b).to(self.device),
+                local.spatial,
+                self._append(text, local.tokens),
+                self._append(null, local.tokens),
                 steps=steps or self.rate.steps,
                 guidance=guidance or cfg.guidance,
                 guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
@@ -562,8 +643,24 @@ class PerCo(nn.Module):
             images = ((self.autoencoder.decode(latents).float() + 1) / 2).clamp(0, 1)
         return [img[:, :h, :w] for img, (h, w) in zip(images, encoded.sizes, strict=True)]
 
+    def _decode_local(self, encoded: EncodedImages) -> Local:
+        """The U-Net's conditions from coded indices (padded to the padded grid)."""
+        latent_size = tuple(s // self.autoencoder.factor for s in encoded.padded_size)
+        indices = self.pad_indices(encoded.indices.to(self.device), encoded.padded_size)
+        return self._local(self.quantizer.lookup(indices), latent_size)
+
     # -- saving ---------------------------------------------------------------------
-    _MODULES = ("hyper_encoder", "quantizer", "unet", "text_encoder", "null_text")
+    # saved components (besides the autoencoder), each in its own subfolder; a variant adds
+    # its own. None: loaded with transformers' AutoModel (the text encoder).
+    _MODULES: dict[str, type | None] = {
+        "hyper_encoder": HyperEncoder,
+        "quantizer": VectorQuantizer,
+        "unet": UNet2DConditionModel,
+        "text_encoder": None,
+        "null_text": NullTextEmbedding,
+    }
+    # a variant's components trained in every mode (set_trainable)
+    _TRAINED: tuple[str, ...] = ()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a folder: one subfolder per component (safetensors) and ``perco.json``.
@@ -589,6 +686,7 @@ class PerCo(nn.Module):
             self._fingerprint = None
             config = {
                 **self.config.to_dict(),
+                "variant": self.variant,
                 "autoencoder": self.autoencoder.name,
                 "scheduler_class": type(self.scheduler).__name__,
                 "fingerprint": self.fingerprint.hex(),
@@ -609,7 +707,10 @@ class PerCo(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
     ) -> PerCo:
-        """Load a folder written by :meth:`save_pretrained`."""
+        """Load a folder written by :meth:`save_pretrained`, as the variant it records
+        (``PerCo.from_pretrained`` returns a PerCo-Image or SPRDiff-style model too)."""
+        import importlib
+
         import diffusers
         from transformers import AutoModel, AutoTokenizer
 
@@ -618,6 +719,14 @@ class PerCo(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is not a PerCo checkpoint (no {CONFIG_NAME})")
         raw = json.loads(config_file.read_text())
+        variant = raw.pop("variant", "perco")
+        if variant not in VARIANTS:
+            raise ValueError(f"{path} holds an unknown model variant {variant!r}")
+        module, _, name = VARIANTS[variant].partition(":")
+        variant_class = getattr(importlib.import_module(module), name)
+        if not issubclass(variant_class, cls):
+            raise ValueError(f"{path} holds a {variant} model, not a {cls.__name__}")
+        cls = variant_class
         scheduler_class = getattr(diffusers, raw.pop("scheduler_class"))
         autoencoder = raw.pop("autoencoder")
         stored_fingerprint = raw.pop("fingerprint", None)
@@ -625,16 +734,21 @@ class PerCo(nn.Module):
         load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         check_tokenizer(tokenizer, str(path / "tokenizer"))
+        modules = {}
+        for name, module_class in cls._MODULES.items():
+            folder = path / name
+            if module_class is None:
+                modules[name] = AutoModel.from_pretrained(folder, **load)
+            elif module_class in (UNet2DConditionModel, AutoModel):
+                modules[name] = module_class.from_pretrained(folder, **load)
+            else:
+                modules[name] = module_class.from_pretrained(folder)
         model = cls(
             autoencoder=load_autoencoder(autoencoder, path / "autoencoder", **load),
-            hyper_encoder=HyperEncoder.from_pretrained(path / "hyper_encoder"),
-            quantizer=VectorQuantizer.from_pretrained(path / "quantizer"),
-            unet=UNet2DConditionModel.from_pretrained(path / "unet", **load),
-            text_encoder=AutoModel.from_pretrained(path / "text_encoder", **load),
             tokenizer=tokenizer,
-            null_text=NullTextEmbedding.from_pretrained(path / "null_text"),
             scheduler=scheduler_class.from_pretrained(path / "scheduler"),
             config=config,
+            **modules,
         )
         if stored_fingerprint is not None:
             model._fingerprint = bytes.fromhex(stored_fingerprint)
