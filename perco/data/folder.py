@@ -81,12 +81,15 @@ class ImageFolder(Dataset):
 def collate(samples: list[dict | None]) -> dict:
     """Stack samples, dropping (and counting) the ``None`` of unreadable images.
 
-    Samples carry ``image`` (pixels) or ``latent`` (pre-computed latents); the batch has
-    ``images`` or ``latents`` accordingly, first (accelerate reads the batch size there).
+    Samples carry ``image`` (pixels), ``latent`` (pre-computed latents) or both; the batch
+    has ``images`` and/or ``latents`` accordingly, first (accelerate reads the batch size
+    there).
     """
     kept = [s for s in samples if s is not None]
     if kept and "latent" in kept[0]:
         tensors = {"latents": torch.stack([s["latent"] for s in kept])}
+        if "image" in kept[0]:
+            tensors["images"] = torch.stack([s["image"] for s in kept])
     else:
         images = [s["image"] for s in kept]
         tensors = {"images": torch.stack(images) if kept else torch.empty(0, 3, 0, 0)}

@@ -6,7 +6,9 @@ image is encoded once, whole, and cached (safetensors); a training sample is a r
 ``crop × crop`` window of its latent (an 8-px-aligned image crop). Away from the window's
 border this is the latent of the crop itself; near it the encoder saw real neighbouring
 pixels instead of the crop's edge, which is harmless for training. No flips: a flipped
-latent is not the latent of the flipped image.
+latent is not the latent of the flipped image. With ``images``, a sample also carries the
+pixels under its window (for models whose encoders read pixels besides the latent:
+PerCo-Image, SPRDiff-style).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class LatentCrops(Dataset):
     """``repeats`` random latent crops per image and epoch, normalised by ``mean``/``std``.
 
     Crop positions are a function of ``(seed, epoch, index)``, so resumed runs see the
-    same samples (call :meth:`set_epoch`).
+    same samples (call :meth:`set_epoch`). ``images``: ``{name: image file}``; each
+    sample then also has the ``image`` pixels of its window (``factor`` px per cell).
     """
 
     def __init__(
@@ -77,8 +80,13 @@ class LatentCrops(Dataset):
         std: torch.Tensor,
         seed: int = 0,
         repeats: int = 1,
+        images: dict[str, Path] | None = None,
+        factor: int = 8,
     ):
         self.names = sorted(latents)
+        self.files = None if images is None else [images[n] for n in self.names]
+        self.factor = factor
+        self._pixels: dict[int, torch.Tensor] = {}  # decoded once, kept as uint8
         self.latents = [latents[n] for n in self.names]
         small = [
             n for n, z in zip(self.names, self.latents, strict=True) if min(z.shape[-2:]) < crop
@@ -100,11 +108,19 @@ class LatentCrops(Dataset):
         top = int(rng.integers(0, z.shape[1] - self.crop + 1))
         left = int(rng.integers(0, z.shape[2] - self.crop + 1))
         window = z[:, top : top + self.crop, left : left + self.crop]
-        return {
+        sample = {
             "latent": (window - self.mean) / self.std,
             "caption": None,
             "key": self.names[index % len(self.latents)],
         }
+        if self.files is not None:
+            f, size = self.factor, self.crop * self.factor
+            i = index % len(self.latents)
+            if i not in self._pixels:
+                self._pixels[i] = load_image(self.files[i])[0].mul(255).round().to(torch.uint8)
+            pixels = self._pixels[i][:, top * f : top * f + size, left * f : left * f + size]
+            sample["image"] = pixels.float() / 255
+        return sample
 
 
 def taef2_latent_crops(
@@ -114,11 +130,18 @@ def taef2_latent_crops(
     crop_size: int = 256,
     seed: int = 0,
     repeats: int = 1,
+    images: bool = False,
 ) -> LatentCrops:
     """TAEF2 latent crops of ``crop_size``-px windows, normalised as
-    :func:`perco.tiny.taef2_perco` normalises its latents (same cache, same statistics)."""
+    :func:`perco.tiny.taef2_perco` normalises its latents (same cache, same statistics);
+    ``images``: with the pixels of each window."""
     from ..tiny import load_taef2
 
     ae = load_taef2(taef2_dir)
     latents = cached_latents(ae.raw_encode, folders, cache)
-    return LatentCrops(latents, crop_size // ae.factor, *latent_statistics(latents), seed, repeats)
+    files = None
+    if images:
+        files = {f"{p.parent.name}/{p.name}": p for folder in map(Path, folders)
+                 for p in folder.iterdir()}  # fmt: skip
+    crop = crop_size // ae.factor
+    return LatentCrops(latents, crop, *latent_statistics(latents), seed, repeats, files, ae.factor)

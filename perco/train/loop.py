@@ -106,6 +106,27 @@ def trainable_report(model: PerCo) -> dict:
     }
 
 
+def fit_global_codebooks(model, loader, dataset, tc: DictConfig) -> None:
+    """PerCo-Image: k-means of the image embedding's product quantizer on training crops
+    (``trainer.codebook_fit_samples`` per rank; epochs numbered apart from training's)."""
+    if bool(model.image_quantizer.fitted):
+        return
+
+    def batches():
+        for epoch in range(10**6, 10**6 + 1000):
+            loader.set_epoch(epoch)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            yield from loader
+
+    start = time.perf_counter()
+    wanted = tc.get("codebook_fit_samples", 16384)
+    generator = torch.Generator().manual_seed(tc.seed)
+    used = model.fit_global_codebooks(batches(), wanted, generator)
+    log.info("fitted the image codebooks on %d embeddings in %.1f s", used,
+             time.perf_counter() - start)  # fmt: skip
+
+
 def train(cfg: DictConfig) -> dict:
     """Train one PerCo model as ``cfg`` says; returns the summary (also in summary.json)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -239,6 +260,8 @@ def train(cfg: DictConfig) -> dict:
             accelerator.load_state(str(checkpoint))
             accelerator.project_configuration.iteration = int(checkpoint.name.rsplit("_", 1)[1]) + 1
             log.info("resumed from %s at step %d", checkpoint, state.step)
+    if hasattr(unwrapped, "fit_global_codebooks"):  # PerCo-Image, unless resumed fitted
+        fit_global_codebooks(unwrapped, loader, dataset, tc)
 
     if tc.tensorboard:
         accelerator.init_trackers("perco")
@@ -336,6 +359,8 @@ def train(cfg: DictConfig) -> dict:
                 }
                 if perceptual is not None:
                     logs["train/lpips"] = lpips_term.item()
+                if losses.image is not None:
+                    logs["train/image"] = losses.image.item()
                 accelerator.log(logs, step=state.step)
                 if main:
                     log.info(
