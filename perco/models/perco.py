@@ -304,9 +304,10 @@ class PerCo(nn.Module):
 
     def _settings(self) -> dict:
         scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
+        variant = {} if self.variant == "perco" else {"variant": self.variant}  # PerCo's as before
         return {
             **self.config.to_dict(),
-            "variant": self.variant,
+            **variant,
             "autoencoder": self.autoencoder.name,
             "scheduler_class": type(self.scheduler).__name__,
             "scheduler": scheduler,
