@@ -72,14 +72,29 @@ def _options(group):
 def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
     sd = save_tiny_stable_diffusion(tmp_path / "sd")
     small = {"hyper_encoder": {"channels": 16, "out_channels": 32}}
-    # tiny_taef2 (real TAEF2 weights from the assets) is covered in test_taesd.py
-    assert _options("model") == ["sd15", "sd21", "sd21-base", "tiny", "tiny_taef2"]
-    for name in ["sd15", "sd21", "sd21-base", "tiny"]:
+    # tiny_taef2* (real TAEF2 weights from the assets) are covered in test_taesd.py
+    variants = ["perco_image", "sprdiff_style", "tiny_taef2_image", "tiny_taef2_sprdiff"]
+    assert _options("model") == sorted(
+        ["sd15", "sd21", "sd21-base", "tiny", "tiny_taef2", *variants]
+    )
+    from compressai.models import MeanScaleHyperprior
+
+    from perco.tiny import save_tiny_open_clip
+
+    clip = f"open_clip:local-dir:{save_tiny_open_clip(tmp_path / 'clip')}"
+    torch.save(MeanScaleHyperprior(N=8, M=12).state_dict(), tmp_path / "g_a.pth")
+    stand_ins = {  # pretrained encoders are not reachable offline
+        "perco_image": {"vision": clip, "image_quantizer": {"codebook_size": 16}},
+        "sprdiff_style": {"semantic": clip, "distortion": f"mbt2018-mean:{tmp_path}/g_a.pth"},
+    }
+    for name in ["sd15", "sd21", "sd21-base", "tiny", *stand_ins]:
         cfg = compose_train(f"model={name}", "rate=r0.0059")
         if name != "tiny":  # the real loader on a tiny local SD folder instead of the hub
             assert cfg.model.pretrained.count("/") == 1
             cfg.model.pretrained = str(sd)
             cfg.model.hyper_encoder = small["hyper_encoder"]
+            for key, value in stand_ins.get(name, {}).items():
+                cfg.model[key] = value
         model = instantiate(cfg.model, _convert_="all")
         assert isinstance(model, PerCo) and model.rate.name == "r0.0059"
 
