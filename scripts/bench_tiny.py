@@ -58,6 +58,15 @@ def score(originals, recons, backbones) -> dict:
     return out
 
 
+def print_table(table: dict[str, dict], columns: list[str]) -> None:
+    """A markdown table: one row per entry of ``table``, ``-`` where a value is missing."""
+    print("| row | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, row in table.items():
+        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else "-" for c in columns]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def jpeg(image: torch.Tensor, quality: int) -> tuple[torch.Tensor, int]:
     buffer = io.BytesIO()
     to_pil(image).save(buffer, format="JPEG", quality=quality)
@@ -166,11 +175,7 @@ def main(argv=None) -> None:
     eval_s = time.perf_counter() - start
 
     print(f"\nKodak ({len(data)} images, native size), {args.steps} steps, guidance none\n")
-    print("| row | " + " | ".join(COLUMNS) + " |")
-    print("|---|" + "---|" * len(COLUMNS))
-    for name, row in table.items():
-        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else "-" for c in COLUMNS]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print_table(table, COLUMNS)
 
     speed = {rate: timing(m, originals[0][None], args.steps) for rate, m in models.items()}
     print(f"\ntime per 768×512 image on {torch.get_num_threads()} CPU threads")

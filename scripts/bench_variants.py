@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_tiny import COLUMNS, score
+from bench_tiny import COLUMNS, print_table, score
 
 from perco import codec
 from perco.cli._common import load_model
@@ -103,11 +103,7 @@ def main(argv=None) -> None:
 
     columns = [*COLUMNS[:5], "lpips_vgg", *COLUMNS[5:]]
     print(f"\nKodak ({len(data)} images, native size), {args.steps} steps, guidance none\n")
-    print("| row | " + " | ".join(columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for name, row in table.items():
-        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else "-" for c in columns]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print_table(table, columns)
     print(f"\nwall-clock {(time.perf_counter() - start) / 60:.1f} min; outputs in {args.out}")
 
 

@@ -232,6 +232,20 @@ class PerCo(nn.Module):
         return cls(autoencoder, he, vq, unet, text_encoder, tokenizer, null, scheduler, cfg)
 
     @classmethod
+    def _extend(cls, base: PerCo, **components: nn.Module) -> PerCo:
+        """A ``cls`` variant made of ``base``'s parts (from :meth:`PerCo.from_components`)
+        plus the variant's own ``components``."""
+        parts = {name: getattr(base, name) for name in PerCo._MODULES}
+        return cls(
+            autoencoder=base.autoencoder,
+            tokenizer=base.tokenizer,
+            scheduler=base.scheduler,
+            config=base.config,
+            **parts,
+            **components,
+        )
+
+    @classmethod
     def from_stable_diffusion(
         cls,
         pretrained: str | os.PathLike = "stabilityai/stable-diffusion-2-1",
@@ -642,7 +656,12 @@ class PerCo(nn.Module):
             )
         with stage(timer, "autoencoder decode"):
             images = ((self.autoencoder.decode(latents).float() + 1) / 2).clamp(0, 1)
-        return [img[:, :h, :w] for img, (h, w) in zip(images, encoded.sizes, strict=True)]
+        return self._crop(images, encoded.sizes)
+
+    @staticmethod
+    def _crop(images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Padded images ``(B, 3, H', W')`` → each cropped back to its original size."""
+        return [img[:, :h, :w] for img, (h, w) in zip(images, sizes, strict=True)]
 
     def _decode_local(self, encoded: EncodedImages) -> Local:
         """The U-Net's conditions from coded indices (padded to the padded grid)."""

@@ -106,17 +106,7 @@ class PerCoImage(PerCo):
             vision = load_vision_encoder(vision)
         pq = ProductQuantizer(**{**(image_quantizer or {}), "dim": vision.embed_dim})
         tokens = EmbeddingTokens(vision.embed_dim, unet.config.cross_attention_dim, num_tokens)
-        parts = {name: getattr(base, name) for name in PerCo._MODULES}
-        return cls(
-            autoencoder=base.autoencoder,
-            tokenizer=base.tokenizer,
-            scheduler=base.scheduler,
-            config=base.config,
-            vision=vision,
-            image_quantizer=pq,
-            image_tokens=tokens,
-            **parts,
-        )
+        return cls._extend(base, vision=vision, image_quantizer=pq, image_tokens=tokens)
 
     @property
     def global_bits(self) -> int:
@@ -167,8 +157,3 @@ class PerCoImage(PerCo):
                 break
         self.image_quantizer.fit(torch.cat(embeddings)[:num_samples], generator)
         return min(count, num_samples)
-
-
-def bits_per_pixel(model: PerCoImage, height: int, width: int) -> float:
-    """bpp of the global context alone at ``height × width`` (0.00061 at 512², M=16, V=1024)."""
-    return model.global_bits / (height * width)

@@ -17,12 +17,11 @@ on rank 0 and the codebooks are broadcast; EMA statistics are all-reduced.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..rates import packed_bits
 from .quantizer import _all_reduce, _broadcast, _gather_rows, kmeans
 
 __all__ = ["ProductQuantizer"]
@@ -65,8 +64,9 @@ class ProductQuantizer(ModelMixin, ConfigMixin):
 
     @property
     def bits(self) -> int:
-        """``M·log2 V``: the coded size of one embedding (exact for V a power of two)."""
-        return math.ceil(self.config.num_subvectors * math.log2(self.config.codebook_size))
+        """Coded size of one embedding: ``M·log2 V`` bits, packed as the bitstream packs
+        indices (:func:`perco.rates.packed_bits`)."""
+        return packed_bits(self.config.num_subvectors, self.config.codebook_size)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.float().view(x.shape[0], self.config.num_subvectors, -1).transpose(0, 1)

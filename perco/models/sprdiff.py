@@ -40,6 +40,7 @@ from ..rates import Rate
 from ..types import EncodedImages
 from .perco import Local, PerCo
 from .perco_image import EmbeddingTokens
+from .unet_adapter import widen_conv_in
 from .vision import VisionEncoder, load_vision_encoder
 
 __all__ = [
@@ -291,21 +292,14 @@ class SPRDiffStyle(PerCo):
             "context_width": unet.config.cross_attention_dim,
         }
         recon = Reconstruction(**settings)
-        from .unet_adapter import widen_conv_in
-
         init = kwargs.get("conv_in_init", "random")
         widen_conv_in(base.unet, recon.config.pixel_channels, init=init)
-        parts = {name: getattr(base, name) for name in PerCo._MODULES}
-        return cls(
-            autoencoder=base.autoencoder,
-            tokenizer=base.tokenizer,
-            scheduler=base.scheduler,
-            config=base.config,
+        return cls._extend(
+            base,
             distortion_encoder=distortion,
             semantic_encoder=semantic,
             fusion=fusion,
             reconstruction=recon,
-            **parts,
         )
 
     @property
@@ -341,5 +335,4 @@ class SPRDiffStyle(PerCo):
     def coarse(self, encoded: EncodedImages) -> list[torch.Tensor]:
         """The coarse reconstructions ``(3, H, W)`` in ``[0, 1]``: one forward pass of the
         reconstruction module from the coded indices, no diffusion."""
-        images = self._decode_local(encoded).coarse
-        return [img[:, :h, :w] for img, (h, w) in zip(images, encoded.sizes, strict=True)]
+        return self._crop(self._decode_local(encoded).coarse, encoded.sizes)

@@ -116,13 +116,13 @@ class VisionEncoder(ModelMixin, ConfigMixin):
 
 
 def _open_clip(name: str) -> VisionEncoder:
+    import json
+    from pathlib import Path
+
     import open_clip
 
     if name.startswith("local-dir:"):
         model = open_clip.create_model(name)
-        import json
-        from pathlib import Path
-
         config = json.loads(
             (Path(name.removeprefix("local-dir:")) / "open_clip_config.json").read_text()
         )
