@@ -88,8 +88,9 @@ def main(argv=None) -> None:
     latent_cache, table = {}, {}
     settings = EvalSettings(steps=[args.steps], ceiling=False, fid_variant="patches",
                             batch_size=4, grid_images=4, save_reconstructions=True)  # fmt: skip
+    run_dir = args.out / f"{args.rate}_{len(data)}img_{args.steps}steps"  # one resumable cache each
     for name, model in models.items():
-        out = args.out / MODELS[name]
+        out = run_dir / MODELS[name]
         doc = evaluate(model, data, settings, backbones, out, name, latent_cache)
         row = {k: v[0] for k, v in doc["results"].items()}
         folder = out / "reconstructions" / f"steps={args.steps}"
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     columns = [*COLUMNS[:5], "lpips_vgg", *COLUMNS[5:]]
     print(f"\nKodak ({len(data)} images, native size), {args.steps} steps, guidance none\n")
     print_table(table, columns)
-    print(f"\nwall-clock {(time.perf_counter() - start) / 60:.1f} min; outputs in {args.out}")
+    print(f"\nwall-clock {(time.perf_counter() - start) / 60:.1f} min; outputs in {run_dir}")
 
 
 if __name__ == "__main__":
