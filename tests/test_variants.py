@@ -192,6 +192,20 @@ def test_perco_image_bitstream_round_trip(tmp_path, open_clip_dir, images):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_perco_image_embeds_the_image_not_its_padding(open_clip_dir):
+    model = fitted_perco_image(open_clip_dir).eval()
+    embed, seen = model._embed, []
+    model._embed = lambda x: (seen.append(tuple(x.shape[-2:])), embed(x))[1]
+    image = torch.rand(1, 3, 72, 100, generator=torch.Generator().manual_seed(3))
+    assert model.padded_size(72, 100) != (72, 100)
+    encoded = model.encode(image)
+    with torch.no_grad():
+        model(image, [None])
+    assert seen == [(72, 100), (72, 100)]
+    _, codes = model.image_quantizer(embed(image))
+    assert torch.equal(encoded.global_codes, codes)
+
+
 def test_caption_and_embedding_files_are_not_mixed(open_clip_dir, images):
     image_model = fitted_perco_image(open_clip_dir).eval()
     text_model = tiny_perco("r0.0019").eval()

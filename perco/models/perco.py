@@ -369,7 +369,7 @@ class PerCo(nn.Module):
     def _global(
         self, images: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(global embedding, its codes)`` of padded images besides the caption (none)."""
+        """``(global embedding, its codes)`` of the images (unpadded) besides the caption (none)."""
         return None, None
 
     def _global_from_codes(self, codes: torch.Tensor | None) -> torch.Tensor | None:
@@ -470,7 +470,8 @@ class PerCo(nn.Module):
             latents = latents.to(self.device, self.unet.dtype)
         q = self.quantizer(self.hyper_encoder(self._hyper_input(latents, padded)), generator)
         local = self._local(q.codes, latents.shape[-2:])
-        text, null = self._context(captions, self._global(padded)[0])
+        embedding = self._global(None if images is None else images.to(self.device))[0]
+        text, null = self._context(captions, embedding)
         p_drop = self.config.text_drop_prob
         if self.training and p_drop > 0:
             text = drop_captions(text, null, p_drop, generator)
@@ -597,7 +598,7 @@ class PerCo(nn.Module):
             hyper = self.hyper_encoder(self._hyper_input(latents, padded))
             indices = self.quantizer.encode(hyper)
         with stage(timer, "global embedding"):
-            global_codes = self._global(padded)[1]
+            global_codes = self._global(images.to(self.device))[1]
         gh, gw = self.index_grid(h, w)
         indices = indices[:, :gh, :gw]  # cells that cover only padding are not coded
         return EncodedImages(

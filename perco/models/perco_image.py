@@ -151,7 +151,7 @@ class PerCoImage(PerCo):
         for batch in batches:
             if batch.get("images") is None:
                 raise ValueError("fitting the image codebooks needs pixel batches ('images')")
-            embeddings.append(self._embed(self._pad(batch["images"].to(self.device))))
+            embeddings.append(self._embed(batch["images"].to(self.device)))
             count += embeddings[-1].shape[0]
             if count >= num_samples:
                 break
