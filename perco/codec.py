@@ -59,7 +59,7 @@ def compress(
     check_image_size(model, *images.shape[-2:])
     encoded = model.encode(images, captions, latents=latents, timer=timer)
     codecs = text_codec.caption_codecs(model.tokenizer, caption_codecs)
-    pq = _global_codebook(model)
+    pq = model.global_codebook
     out = []
     for i, (indices, caption, size) in enumerate(
         zip(encoded.indices, encoded.captions, encoded.sizes, strict=True)
@@ -81,12 +81,6 @@ def compress(
     return out
 
 
-def _global_codebook(model: PerCo) -> tuple[int, int] | None:
-    """``(M, V)`` of a PerCo-Image model's product quantizer, else ``None``."""
-    pq = getattr(model, "image_quantizer", None)
-    return None if pq is None else (pq.config.num_subvectors, pq.config.codebook_size)
-
-
 def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
     """Read one file for ``model``; raises :class:`~perco.bitstream.BitstreamError`."""
     return bitstream.read(
@@ -95,7 +89,7 @@ def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
         rate=model.rate,
         latent_factor=model.autoencoder.factor,
         caption_codecs=text_codec.caption_codecs(model.tokenizer),
-        global_codes=_global_codebook(model),
+        global_codes=model.global_codebook,
     )
 
 

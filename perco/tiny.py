@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from .models.autoencoders import SDAutoencoder
-from .models.perco import PerCo
+from .models.perco import PerCo, variant_class
 from .rates import Rate
 
 __all__ = [
@@ -119,18 +119,6 @@ def tiny_components(seed: int = 0) -> dict:
 # hyper-encoder and quantizer widths for the tiny model (the defaults are 192/320/32)
 TINY_HYPER_ENCODER = {"channels": 32, "out_channels": 64}
 TINY_QUANTIZER = {"codebook_dim": 8}
-
-
-def variant_class(variant: str) -> type[PerCo]:
-    """The model class of a variant name (``perco``, ``perco_image``, ``sprdiff_style``)."""
-    import importlib
-
-    from .models.perco import VARIANTS
-
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
-    module, _, name = VARIANTS[variant].partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def tiny_perco(

@@ -73,7 +73,7 @@ class PerCoLoss:
         x0: the clean latent implied by the U-Net's prediction (with gradients), for
             image-level losses on its decoding.
         image: a variant's own image loss, already weighted (the SPRDiff-style coarse
-            reconstruction loss); zero for PerCo.
+            reconstruction loss); ``None`` for PerCo.
     """
 
     loss: torch.Tensor

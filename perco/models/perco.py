@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ from .quantizer import VectorQuantizer
 from .text import NullTextEmbedding, check_tokenizer, drop_captions, encode_captions
 from .unet_adapter import widen_conv_in
 
-__all__ = ["PerCo", "PerCoConfig", "Local", "predicted_x0", "VARIANTS"]
+__all__ = ["PerCo", "PerCoConfig", "Local", "predicted_x0", "VARIANTS", "variant_class"]
 
 CONFIG_NAME = "perco.json"
 # model variants by the name ``perco.json`` records: PerCo.from_pretrained builds the right one
@@ -53,6 +54,16 @@ VARIANTS = {
     "perco_image": "perco.models.perco_image:PerCoImage",
     "sprdiff_style": "perco.models.sprdiff:SPRDiffStyle",
 }
+
+
+def variant_class(variant: str) -> type[PerCo]:
+    """The model class of a variant name (a key of :data:`VARIANTS`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+    module, _, name = VARIANTS[variant].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 Condition = Literal["codes", "projected"]
 Trainable = Literal["linear", "full", "lora", "none"]
 
@@ -352,6 +363,12 @@ class PerCo(nn.Module):
             raise ValueError(f"U-Net takes {got} input channels, expected {want}")
 
     @property
+    def global_codebook(self) -> tuple[int, int] | None:
+        """``(M, V)`` of the codes that replace the caption in the file (PerCo-Image's
+        product quantizer); ``None``: the file carries a caption."""
+        return None
+
+    @property
     def local_channels(self) -> int:
         """Channels concatenated to ``x_t`` (the widening of ``conv_in``)."""
         vq = self.quantizer.config
@@ -417,11 +434,14 @@ class PerCo(nn.Module):
         with torch.no_grad():
             return self.autoencoder.encode(images * 2 - 1)
 
+    def _z_l(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code vectors → ``z_l`` as the U-Net is conditioned on it (projected to the
+        quantizer's ``dim`` when ``condition="projected"``), on the hyper-latent grid."""
+        return self.quantizer.project_out(codes) if self.config.condition == "projected" else codes
+
     def _spatial(self, codes: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
         """Code vectors → the channels concatenated to ``x_t``, on the latent grid."""
-        if self.config.condition == "projected":
-            codes = self.quantizer.project_out(codes)
-        return F.interpolate(codes, size=latent_size, mode="nearest")
+        return F.interpolate(self._z_l(codes), size=latent_size, mode="nearest")
 
     def _text(self, captions: Sequence[str | None]) -> torch.Tensor:
         """Caption embeddings, with the null text where a caption is ``None``."""
@@ -458,7 +478,8 @@ class PerCo(nn.Module):
         drop, codebook restarts) reproducible. ``latents`` (from the latent pre-pass of
         :mod:`perco.data.latents`, made with this model's autoencoder) replace ``images``.
         """
-        padded = None if images is None else self._pad(images.to(self.device))
+        images = None if images is None else images.to(self.device)
+        padded = None if images is None else self._pad(images)
         if latents is None:
             latents = self._latents(padded)
         else:
@@ -470,8 +491,7 @@ class PerCo(nn.Module):
             latents = latents.to(self.device, self.unet.dtype)
         q = self.quantizer(self.hyper_encoder(self._hyper_input(latents, padded)), generator)
         local = self._local(q.codes, latents.shape[-2:])
-        embedding = self._global(None if images is None else images.to(self.device))[0]
-        text, null = self._context(captions, embedding)
+        text, null = self._context(captions, self._global(images)[0])
         p_drop = self.config.text_drop_prob
         if self.training and p_drop > 0:
             text = drop_captions(text, null, p_drop, generator)
@@ -580,7 +600,7 @@ class PerCo(nn.Module):
         ``captions``: the global context per image; ``None`` (or a ``None`` entry) means
         no caption. ``latents``: the autoencoder's latents of the padded images, when
         already computed (e.g. shared by the rungs of one autoencoder). ``timer``
-        collects "autoencoder encode" and "hyper-encoder" seconds.
+        collects "autoencoder encode", "hyper-encoder" and "global embedding" seconds.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -588,7 +608,8 @@ class PerCo(nn.Module):
         captions = list(captions) if captions is not None else [None] * b
         if len(captions) != b:
             raise ValueError(f"{len(captions)} captions for {b} images")
-        padded = self._pad(images.to(self.device))
+        images = images.to(self.device)
+        padded = self._pad(images)
         if latents is None:
             with stage(timer, "autoencoder encode"):
                 latents = self._latents(padded)
@@ -598,7 +619,7 @@ class PerCo(nn.Module):
             hyper = self.hyper_encoder(self._hyper_input(latents, padded))
             indices = self.quantizer.encode(hyper)
         with stage(timer, "global embedding"):
-            global_codes = self._global(images.to(self.device))[1]
+            global_codes = self._global(images)[1]
         gh, gw = self.index_grid(h, w)
         indices = indices[:, :gh, :gw]  # cells that cover only padding are not coded
         return EncodedImages(
@@ -730,8 +751,6 @@ class PerCo(nn.Module):
     ) -> PerCo:
         """Load a folder written by :meth:`save_pretrained`, as the variant it records
         (``PerCo.from_pretrained`` returns a PerCo-Image or SPRDiff-style model too)."""
-        import importlib
-
         import diffusers
         from transformers import AutoModel, AutoTokenizer
 
@@ -743,11 +762,10 @@ class PerCo(nn.Module):
         variant = raw.pop("variant", "perco")
         if variant not in VARIANTS:
             raise ValueError(f"{path} holds an unknown model variant {variant!r}")
-        module, _, name = VARIANTS[variant].partition(":")
-        variant_class = getattr(importlib.import_module(module), name)
-        if not issubclass(variant_class, cls):
+        found = variant_class(variant)
+        if not issubclass(found, cls):
             raise ValueError(f"{path} holds a {variant} model, not a {cls.__name__}")
-        cls = variant_class
+        cls = found
         scheduler_class = getattr(diffusers, raw.pop("scheduler_class"))
         autoencoder = raw.pop("autoencoder")
         stored_fingerprint = raw.pop("fingerprint", None)
@@ -757,13 +775,9 @@ class PerCo(nn.Module):
         check_tokenizer(tokenizer, str(path / "tokenizer"))
         modules = {}
         for name, module_class in cls._MODULES.items():
-            folder = path / name
-            if module_class is None:
-                modules[name] = AutoModel.from_pretrained(folder, **load)
-            elif module_class in (UNet2DConditionModel, AutoModel):
-                modules[name] = module_class.from_pretrained(folder, **load)
-            else:
-                modules[name] = module_class.from_pretrained(folder)
+            module_class = module_class or AutoModel  # None: the text encoder
+            dtype = load if module_class in (UNet2DConditionModel, AutoModel) else {}
+            modules[name] = module_class.from_pretrained(path / name, **dtype)
         model = cls(
             autoencoder=load_autoencoder(autoencoder, path / "autoencoder", **load),
             tokenizer=tokenizer,

@@ -109,6 +109,10 @@ class PerCoImage(PerCo):
         return cls._extend(base, vision=vision, image_quantizer=pq, image_tokens=tokens)
 
     @property
+    def global_codebook(self) -> tuple[int, int]:
+        return self.image_quantizer.config.num_subvectors, self.image_quantizer.config.codebook_size
+
+    @property
     def global_bits(self) -> int:
         """Bits of the coded global context per image, ``M·log2 V``."""
         return self.image_quantizer.bits

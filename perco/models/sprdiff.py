@@ -317,7 +317,7 @@ class SPRDiffStyle(PerCo):
 
     # -- distortion-aware reconstruction ---------------------------------------------
     def _local(self, codes: torch.Tensor, latent_size: tuple[int, int]) -> Local:
-        z = self.quantizer.project_out(codes) if self.config.condition == "projected" else codes
+        z = self._z_l(codes)
         coarse = self.reconstruction.coarse(z)
         pixel = self.reconstruction.pixel(coarse)
         spatial = F.interpolate(z, size=latent_size, mode="nearest")
