@@ -25,9 +25,27 @@ from torch.utils.data import Dataset
 
 from ..io import IMAGE_SUFFIXES, atomic_write, load_image
 
-__all__ = ["cached_latents", "latent_statistics", "LatentCrops", "taef2_latent_crops"]
+__all__ = [
+    "image_files",
+    "cached_latents",
+    "latent_statistics",
+    "LatentCrops",
+    "taef2_latent_crops",
+]
 
 log = logging.getLogger(__name__)
+
+
+def image_files(folders: Sequence[str | os.PathLike]) -> dict[str, Path]:
+    """``{relative name: path}`` of the images in ``folders``, named as the cache names
+    their latents (``<folder>/<file>``)."""
+    files = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        for p in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            files[f"{folder.name}/{p.name}"] = p
+    return files
 
 
 @torch.no_grad()
@@ -43,17 +61,13 @@ def cached_latents(
     cache = Path(cache)
     if cache.is_file():
         return load_file(cache)
-    files = []
-    for folder in map(Path, folders):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder {folder} does not exist")
-        files += sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folders)
     log.info("encoding %d images once for the latent cache %s", len(files), cache)
     latents = {}
-    for path in files:
+    for name, path in files.items():
         x = load_image(path)
         h, w = (s - s % 8 for s in x.shape[-2:])
-        latents[f"{path.parent.name}/{path.name}"] = encode(x[..., :h, :w])[0].float().contiguous()
+        latents[name] = encode(x[..., :h, :w])[0].float().contiguous()
     atomic_write(cache, lambda tmp: save_file(latents, tmp))
     return latents
 
@@ -139,9 +153,6 @@ def taef2_latent_crops(
 
     ae = load_taef2(taef2_dir)
     latents = cached_latents(ae.raw_encode, folders, cache)
-    files = None
-    if images:
-        files = {f"{p.parent.name}/{p.name}": p for folder in map(Path, folders)
-                 for p in folder.iterdir()}  # fmt: skip
+    files = image_files(folders) if images else None
     crop = crop_size // ae.factor
     return LatentCrops(latents, crop, *latent_statistics(latents), seed, repeats, files, ae.factor)
