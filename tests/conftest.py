@@ -40,3 +40,16 @@ def model():
 def images():
     torch.manual_seed(0)
     return torch.rand(2, 3, 64, 64)
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """Five small random photos (72 px high, widths 80-96), two of them captioned."""
+    from perco.io import save_image
+
+    folder = tmp_path / "photos"
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        save_image(torch.rand(3, 72, 80 + 4 * i, generator=g), folder / f"img{i}.png")
+    (folder / "captions.tsv").write_text("img0\ta red square\nimg3.png\tblue noise\n")
+    return folder

@@ -32,16 +32,6 @@ def compose_train(*overrides):
         return compose("train", overrides=list(overrides))
 
 
-@pytest.fixture
-def photo_folder(tmp_path):
-    folder = tmp_path / "photos"
-    g = torch.Generator().manual_seed(0)
-    for i in range(5):
-        save_image(torch.rand(3, 72, 80 + 4 * i, generator=g), folder / f"img{i}.png")
-    (folder / "captions.tsv").write_text("img0\ta red square\nimg3.png\tblue noise\n")
-    return folder
-
-
 def tiny_overrides(folder, out, *extra, data=None):
     """The tiny experiment on ``folder`` (or on ``data``: a list of data overrides)."""
     data = data or [

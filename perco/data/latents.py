@@ -77,7 +77,7 @@ def write_latent_shards(
     return written
 
 
-def _decode(sample: dict) -> dict | None:
+def _decode(sample: dict, epoch: int) -> dict | None:
     try:
         latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
     except (KeyError, ValueError, OSError) as e:
@@ -94,7 +94,8 @@ def _decode(sample: dict) -> dict | None:
 
 
 def latent_shard_dataset(urls: str | list[str], shuffle: int = 1000, seed: int = 0):
-    """Read shards written by :func:`write_latent_shards`, split across ranks and workers."""
-    from .shards import sample_stream
+    """Read shards written by :func:`write_latent_shards`, split across ranks and workers
+    as :class:`~perco.data.shards.ShardStream` plans them."""
+    from .shards import ShardStream
 
-    return sample_stream(urls, shuffle, seed).map(_decode)
+    return ShardStream(urls, _decode, shuffle, seed)
