@@ -3,17 +3,24 @@
 perco-train experiment=tiny
 perco-train -m rate=glob(*) experiment=paper          # one run per rung
 accelerate launch --multi_gpu --num_processes 8 -m perco.train.cli experiment=paper
+
+Exit status: 0 when done, 75 when stopped by a preemption signal after writing a
+checkpoint (requeue with ``trainer.resume=latest``), 2 for a checkpoint that cannot be
+resumed from.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from .checkpoints import CheckpointError
 from .loop import train
+from .preemption import PREEMPTED_EXIT, Preempted
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -26,7 +33,14 @@ def _main(cfg: DictConfig) -> None:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export()
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted as e:
+        print(f"perco-train: {e}; continue with trainer.resume=latest", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    except CheckpointError as e:
+        print(f"perco-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

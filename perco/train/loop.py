@@ -4,7 +4,9 @@ Follows the diffusers training skeleton: frozen modules (autoencoder, text encod
 cast to the mixed-precision dtype; the step runs under ``accelerator.accumulate``;
 clipping, logging, validation and checkpoints happen when gradients are synchronised.
 Checkpoints are ``save_state`` folders (``checkpoints/checkpoint_N``) holding a
-``save_pretrained`` PerCo folder and ``train_state.json``; the final model is written to
+``save_pretrained`` PerCo folder and ``train_state.json``, written aside and renamed into
+place when complete (:mod:`perco.train.checkpoints`); on a preemption signal the run writes
+one and stops (:mod:`perco.train.preemption`). The final model is written to
 ``<run>/model``. The run folder also gets the resolved ``config.yaml`` and a
 ``summary.json`` (fixed-set loss at start and end, samples/s, peak memory, trainable
 share, whether all ranks ended with identical weights and codebooks).
@@ -15,6 +17,11 @@ the decoding of the U-Net's x0 estimate (``trainer.lpips_weight``; the paper's o
 image-level loss, useful at high rates, where x0 is close to the image), timesteps drawn
 from an N-step sampler grid (``trainer.timestep_grid``; the paper trains with 50), and
 Min-SNR-γ loss weighting (``trainer.snr_gamma``).
+
+Shard datasets (iterable) are not passed to ``prepare``: accelerate would turn their loader
+into a dispatcher that reads every rank's batch on rank 0. They plan each rank's share
+themselves (:class:`perco.data.shards.ShardStream`), equal in batches, so ranks stay in
+lockstep, and skip to a mid-epoch position when resuming.
 
 The PerCo module goes through ``prepare`` whole: DDP only reduces gradients of the
 parameters that require them (the frozen parts carry none), and
@@ -40,6 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..io import atomic_write
 from ..losses import load_lpips
 from ..models.perco import PerCo
+from .checkpoints import failpoint, next_index, resume_checkpoint, save_checkpoint
+from .preemption import Preempted, Preemption
 from .validation import FixedValidation
 
 __all__ = ["train", "TrainState", "run_dir"]
@@ -79,12 +88,15 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / cfg.trainer.run_name / cfg.rate.name
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    checkpoints = sorted(
-        (p for p in (folder / "checkpoints").glob("checkpoint_*") if p.is_dir()),
-        key=lambda p: int(p.name.rsplit("_", 1)[1]),
-    )
-    return checkpoints[-1] if checkpoints else None
+def _set_epoch(loader, dataset, epoch: int, skip: int = 0) -> None:
+    """Tell the sampler (through the prepared loader) or the dataset which epoch this is;
+    shard streams also learn how many of the epoch's batches to skip."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    if hasattr(dataset, "skip"):
+        dataset.skip(skip)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -114,9 +126,7 @@ def fit_global_codebooks(model, loader, dataset, tc: DictConfig) -> None:
 
     def batches():
         for epoch in range(10**6, 10**6 + 1000):
-            loader.set_epoch(epoch)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
+            _set_epoch(loader, dataset, epoch)
             yield from loader
 
     start = time.perf_counter()
@@ -153,8 +163,6 @@ def train(cfg: DictConfig) -> dict:
         project_config=ProjectConfiguration(
             project_dir=str(out),
             logging_dir=str(out / "logs"),
-            automatic_checkpoint_naming=True,
-            total_limit=tc.checkpoint_total_limit,
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -179,6 +187,9 @@ def train(cfg: DictConfig) -> dict:
 
     dataset = instantiate(cfg.data)
     iterable = isinstance(dataset, IterableDataset)
+    if iterable:  # an equal share of the shards per rank (and worker), planned per epoch
+        rank, world = accelerator.process_index, accelerator.num_processes
+        dataset.distribute(rank, world, tc.batch_size, tc.grad_accum)
     sampler = None if iterable else EpochSampler(len(dataset), tc.seed)
     loader = DataLoader(
         dataset,
@@ -215,6 +226,7 @@ def train(cfg: DictConfig) -> dict:
             perco = accelerator.unwrap_model(models[0])
             perco.save_pretrained(folder / "perco")
             (folder / "train_state.json").write_text(json.dumps(asdict(state)))
+            failpoint("checkpoint:after-model")
             if perco.has_lora:  # perco/ holds merged weights: keep the adapters apart
                 save(get_peft_model_state_dict(perco.unet), folder / "lora.safetensors")
             if ema is not None:
@@ -242,9 +254,12 @@ def train(cfg: DictConfig) -> dict:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(
-        model, optimizer, loader, lr_scheduler
-    )
+    if iterable:
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    else:
+        model, optimizer, loader, lr_scheduler = accelerator.prepare(
+            model, optimizer, loader, lr_scheduler
+        )
     unwrapped: PerCo = accelerator.unwrap_model(model)
     grid = None
     if tc.get("timestep_grid"):
@@ -252,13 +267,13 @@ def train(cfg: DictConfig) -> dict:
         sampler.set_timesteps(tc.timestep_grid)
         grid = sampler.timesteps.cpu()
 
+    checkpoint_index = next_index(out)
     if tc.resume:
-        checkpoint = _latest_checkpoint(out) if tc.resume == "latest" else Path(tc.resume)
+        checkpoint = resume_checkpoint(out, str(tc.resume))
         if checkpoint is None:
             log.info("resume=latest: no checkpoint in %s, starting fresh", out)
         else:
             accelerator.load_state(str(checkpoint))
-            accelerator.project_configuration.iteration = int(checkpoint.name.rsplit("_", 1)[1]) + 1
             log.info("resumed from %s at step %d", checkpoint, state.step)
     if hasattr(unwrapped, "fit_global_codebooks"):  # PerCo-Image, unless resumed fitted
         fit_global_codebooks(unwrapped, loader, dataset, tc)
@@ -283,110 +298,155 @@ def train(cfg: DictConfig) -> dict:
         accelerator.log({"val/fixed_loss": summary["fixed_loss_start"]}, step=state.step)
         log.info("step %d: fixed-set loss %.4f", state.step, summary["fixed_loss_start"])
 
+    preemption = None
+    if tc.preemption.signals:
+        preemption = Preemption(list(tc.preemption.signals), tc.preemption.grace_s)
+    keys_log = None
+    if tc.get("log_keys"):  # which samples each rank trained on, batch by batch
+        (out / "keys").mkdir(parents=True, exist_ok=True)
+        keys_log = open(out / "keys" / f"rank{accelerator.process_index}.jsonl", "a")  # noqa: SIM115
+
+    def checkpoint() -> Path:
+        nonlocal checkpoint_index
+        start = time.perf_counter()
+        folder = save_checkpoint(
+            accelerator, out, checkpoint_index, state.step, tc.checkpoint_total_limit
+        )
+        checkpoint_index += 1
+        if preemption is not None:
+            preemption.check_write_time(time.perf_counter() - start)
+        return folder
+
     skipped = torch.zeros((), device=accelerator.device)
     train_seconds, window_samples, window_start = 0.0, 0, time.perf_counter()
     per_step = tc.batch_size * accelerator.num_processes * tc.grad_accum
-    model.train()
-    while state.step < tc.max_steps:
-        epoch_loader = (
-            accelerator.skip_first_batches(loader, state.batch_in_epoch)
-            if state.batch_in_epoch
-            else loader
-        )
-        # the prepared loader passes the epoch to the sampler (it would otherwise use its
-        # own iteration count, which restarts at 0 on resume) but not to a dataset whose
-        # sampler takes it, so the crops' epoch is set here
-        epoch_loader.set_epoch(state.epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(state.epoch)
-        for batch in epoch_loader:
-            state.batch_in_epoch += 1
-            skipped += batch["skipped"]
-            log.debug("epoch %d batch %d: %s", state.epoch, state.batch_in_epoch, batch["keys"])
-            if not len(batch["captions"]):
-                continue
-            # noise, timesteps and caption drop are a function of (seed, step, micro-batch,
-            # rank), so a resumed run draws exactly what an uninterrupted one would
-            generator = torch.Generator().manual_seed(
-                hash((tc.seed, state.step, state.batch_in_epoch, accelerator.process_index)) % 2**63
-            )
-            timesteps = None
-            if grid is not None:  # t from the sampler's grid (paper: trained with 50 steps)
-                n = len(batch["captions"])
-                timesteps = grid[torch.randint(len(grid), (n,), generator=generator)]
-            with accelerator.accumulate(model):
-                losses = model(
-                    batch.get("images"),
-                    batch["captions"],
-                    latents=batch.get("latents"),
-                    timesteps=timesteps,
-                    generator=generator,
-                    snr_gamma=tc.get("snr_gamma"),
+    try:
+        model.train()
+        while state.step < tc.max_steps:
+            epoch_loader = loader
+            if state.batch_in_epoch and not iterable:  # shard streams skip by themselves
+                epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            # the prepared loader passes the epoch to the sampler (it would otherwise use its
+            # own iteration count, which restarts at 0 on resume) but not to a dataset whose
+            # sampler takes it, so the crops' epoch is set here
+            _set_epoch(epoch_loader, dataset, state.epoch, state.batch_in_epoch)
+            for batch in epoch_loader:
+                if iterable:
+                    batch = {
+                        k: v.to(accelerator.device) if torch.is_tensor(v) else v
+                        for k, v in batch.items()
+                    }
+                state.batch_in_epoch += 1
+                skipped += batch["skipped"]
+                log.debug("epoch %d batch %d: %s", state.epoch, state.batch_in_epoch, batch["keys"])
+                if keys_log is not None:
+                    record = {
+                        "epoch": state.epoch,
+                        "batch": state.batch_in_epoch,
+                        "keys": batch["keys"],
+                    }
+                    keys_log.write(json.dumps(record) + "\n")
+                    keys_log.flush()
+                if not len(batch["captions"]):
+                    continue
+                # noise, timesteps and caption drop are a function of (seed, step, micro-batch,
+                # rank), so a resumed run draws exactly what an uninterrupted one would
+                generator = torch.Generator().manual_seed(
+                    hash((tc.seed, state.step, state.batch_in_epoch, accelerator.process_index))
+                    % 2**63
                 )
-                loss = losses.loss
-                if perceptual is not None:
-                    if "images" not in batch:
-                        raise ValueError("the LPIPS term needs pixels; latent shards have none")
-                    # LPIPS between the image and the decoded x0 estimate (frozen decoder)
-                    decoded = unwrapped.autoencoder.decode(losses.x0).float().clamp(-1, 1)
-                    lpips_term = perceptual(decoded, batch["images"] * 2 - 1).mean()
-                    loss = loss + tc.lpips_weight * lpips_term
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.grad_clip:
-                    accelerator.clip_grad_norm_(params, tc.grad_clip)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(params)
-            state.step += 1
-            state.samples += per_step
-            window_samples += per_step
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                elapsed = time.perf_counter() - window_start
-                train_seconds += elapsed
-                logs = {
-                    "train/loss": loss.item(),
-                    "train/diffusion": losses.diffusion.item(),
-                    "train/vq": losses.vq.item(),
-                    "codebook/usage": losses.usage.item(),
-                    "codebook/perplexity": losses.perplexity.item(),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_s": window_samples / elapsed,
-                    "data/skipped": accelerator.reduce(skipped, "sum").item(),
-                }
-                if perceptual is not None:
-                    logs["train/lpips"] = lpips_term.item()
-                if losses.image is not None:
-                    logs["train/image"] = losses.image.item()
-                accelerator.log(logs, step=state.step)
-                if main:
-                    log.info(
-                        "step %d: %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                timesteps = None
+                if grid is not None:  # t from the sampler's grid (paper: trained with 50 steps)
+                    n = len(batch["captions"])
+                    timesteps = grid[torch.randint(len(grid), (n,), generator=generator)]
+                with accelerator.accumulate(model):
+                    losses = model(
+                        batch.get("images"),
+                        batch["captions"],
+                        latents=batch.get("latents"),
+                        timesteps=timesteps,
+                        generator=generator,
+                        snr_gamma=tc.get("snr_gamma"),
                     )
-                window_samples, window_start = 0, time.perf_counter()
-            if validation is not None and (
-                state.step % tc.val_every == 0 or state.step == tc.max_steps
-            ):
-                pause = time.perf_counter()
-                fixed = validation.loss(unwrapped)
-                accelerator.log({"val/fixed_loss": fixed}, step=state.step)
-                log.info("step %d: fixed-set loss %.4f", state.step, fixed)
-                validation.reconstruct(unwrapped, out / "samples" / f"step_{state.step:07d}.png")
-                summary["fixed_loss_end"] = fixed
-                window_start += time.perf_counter() - pause
-            if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
-                pause = time.perf_counter()
-                accelerator.wait_for_everyone()
-                accelerator.save_state()
-                window_start += time.perf_counter() - pause
-            if state.step >= tc.max_steps:
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
+                    loss = losses.loss
+                    if perceptual is not None:
+                        if "images" not in batch:
+                            raise ValueError("the LPIPS term needs pixels; latent shards have none")
+                        # LPIPS between the image and the decoded x0 estimate (frozen decoder)
+                        decoded = unwrapped.autoencoder.decode(losses.x0).float().clamp(-1, 1)
+                        lpips_term = perceptual(decoded, batch["images"] * 2 - 1).mean()
+                        loss = loss + tc.lpips_weight * lpips_term
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and tc.grad_clip:
+                        accelerator.clip_grad_norm_(params, tc.grad_clip)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                if ema is not None:
+                    ema.step(params)
+                state.step += 1
+                state.samples += per_step
+                window_samples += per_step
+                if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    train_seconds += elapsed
+                    logs = {
+                        "train/loss": loss.item(),
+                        "train/diffusion": losses.diffusion.item(),
+                        "train/vq": losses.vq.item(),
+                        "codebook/usage": losses.usage.item(),
+                        "codebook/perplexity": losses.perplexity.item(),
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "samples_per_s": window_samples / elapsed,
+                        "data/skipped": accelerator.reduce(skipped, "sum").item(),
+                    }
+                    if perceptual is not None:
+                        logs["train/lpips"] = lpips_term.item()
+                    if losses.image is not None:
+                        logs["train/image"] = losses.image.item()
+                    accelerator.log(logs, step=state.step)
+                    if main:
+                        log.info(
+                            "step %d: %s",
+                            state.step,
+                            " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
+                        )
+                    window_samples, window_start = 0, time.perf_counter()
+                if validation is not None and (
+                    state.step % tc.val_every == 0 or state.step == tc.max_steps
+                ):
+                    pause = time.perf_counter()
+                    fixed = validation.loss(unwrapped)
+                    accelerator.log({"val/fixed_loss": fixed}, step=state.step)
+                    log.info("step %d: fixed-set loss %.4f", state.step, fixed)
+                    validation.reconstruct(
+                        unwrapped, out / "samples" / f"step_{state.step:07d}.png"
+                    )
+                    summary["fixed_loss_end"] = fixed
+                    window_start += time.perf_counter() - pause
+                folder = None
+                if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
+                    pause = time.perf_counter()
+                    folder = checkpoint()
+                    window_start += time.perf_counter() - pause
+                if preemption is not None and preemption.requested(accelerator):
+                    received = preemption.received
+                    name = received.name if received is not None else "a signal to another rank"
+                    folder = folder or checkpoint()
+                    log.warning("%s: stopping after step %d; wrote %s", name, state.step, folder)
+                    raise Preempted(name, state.step, folder)
+                if state.step >= tc.max_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+    finally:
+        if preemption is not None:
+            preemption.close()
+        if keys_log is not None:
+            keys_log.close()
     accelerator.wait_for_everyone()
     train_seconds += time.perf_counter() - window_start
 
