@@ -1,9 +1,9 @@
 """``perco-eval``: dataset → real bitstreams → reconstructions → per-image CSV + results JSON.
 
-    perco-eval model=runs/tiny rate=r0.0059 dataset=kodak metrics=offline
+    perco-eval checkpoint=runs/tiny_taef2 rate=r0.0019 dataset=kodak metrics=offline
     accelerate launch --multi_gpu --num_processes 8 -m perco.evaluate \
-        model=runs/paper rate=r0.0019 dataset=coco30k
-    perco-eval -m model=runs/paper 'rate=glob(*)' dataset=coco30k      # one job per rung
+        checkpoint=runs/paper rate=r0.0019 dataset=coco30k
+    perco-eval -m checkpoint=runs/paper 'rate=glob(*)' dataset=coco30k  # one job per rung
 
 Every image is compressed to a real ``.perco`` file (``bpp_file`` from its bytes,
 ``bpp_payload`` from its index and caption bits), parsed back and decoded once per step
@@ -530,7 +530,8 @@ def run(cfg) -> dict | None:
         ds.kind, ds.root, name=ds.name, captions=ds.captions, transform=ds.transform,
         size=ds.size, limit=cfg.eval.limit,
     )  # fmt: skip
-    model = load_model(str(cfg.model), cfg.rate).to(device)
+    rate = cfg.rate.name if cfg.get("rate") else None
+    model = load_model(str(cfg.checkpoint), rate).to(device)
     settings = EvalSettings(
         samples=cfg.eval.samples,
         steps=list(cfg.eval.steps),

@@ -284,3 +284,51 @@ def test_coco_evaluation_with_clip_and_segmenter_stand_ins(assets, tmp_path):
     assert doc["protocol"]["captions"] == "ground-truth"
     rows = list(csv.DictReader((tmp_path / "out" / "per_image.csv").open()))
     assert all(int(r["caption_bits"]) > 0 for r in rows if r["series"] == "steps=2")
+
+
+def perco_eval_cli():
+    """The installed ``perco-eval`` of this interpreter's environment."""
+    import shutil
+
+    return shutil.which("perco-eval", path=os.path.dirname(sys.executable))
+
+
+@pytest.mark.slow
+def test_the_cli_takes_a_checkpoint_a_rate_sweep_and_accelerate_launch(photos, tmp_path, assets):
+    """The README's spellings: `perco-eval checkpoint=<sweep folder> rate=<rung>`, a
+    `-m ... 'rate=glob(...)'` sweep, and `accelerate launch ... -m perco.evaluate`."""
+    from perco.tiny import tiny_perco
+
+    sweep = tmp_path / "runs" / "tiny"
+    for rate in ("r0.0019", "r0.0059"):
+        tiny_perco(rate).save_pretrained(sweep / rate / "model")
+    common = [
+        "dataset=folder", f"dataset.root={photos}", "metrics=offline", "metrics.patch_size=64",
+        "eval.steps=[1]", "eval.ceiling=false", f"paths.assets_dir={assets}",
+        f"checkpoint={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def perco_eval(*args, launcher=None):
+        launcher = launcher or [perco_eval_cli()]
+        done = subprocess.run(
+            [*launcher, *args], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    perco_eval(*common, "rate=r0.0059", f"output_dir={tmp_path / 'one'}")
+    assert (tmp_path / "one" / "r0.0059" / "results.json").is_file()
+    perco_eval(
+        "-m",
+        *common,
+        "rate=glob(r0.00*,exclude=[r0.0024,r0.0098])",
+        f"output_dir={tmp_path / 'sweep'}",
+    )
+    for rate in ("r0.0019", "r0.0059"):
+        assert (tmp_path / "sweep" / rate / "results.json").is_file()
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "perco.evaluate"]
+    perco_eval(*common, "rate=r0.0019", f"output_dir={tmp_path / 'two'}", launcher=launch)
+    results = json.loads((tmp_path / "two" / "r0.0019" / "results.json").read_text())
+    assert results["protocol"]["images"] == 3
