@@ -110,12 +110,14 @@ def decompress(
     timer: StageTimer | None = None,
     progress=None,
     coarse: bool = False,
+    timestep_spacing: str | None = None,
 ) -> list[torch.Tensor]:
     """Decode parsed files; returns ``(3, H, W)`` images in ``[0, 1]`` in input order.
 
     Images that pad to the same size are decoded together, ``batch_size`` at a time; each
     uses its own file's seed, so a result does not depend on how files were batched.
     ``coarse``: the SPRDiff-style model's coarse reconstructions instead (no diffusion).
+    ``timestep_spacing`` replaces the model's for this decode (see :meth:`PerCo.decode`).
     """
     groups: dict[tuple[int, int], list[_Item]] = defaultdict(list)
     for i, image in enumerate(images):
@@ -148,6 +150,7 @@ def decompress(
                     guidance=guidance,
                     guidance_scale=guidance_scale,
                     generator=generators,
+                    timestep_spacing=timestep_spacing,
                     timer=timer,
                 )
             )

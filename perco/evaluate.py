@@ -72,6 +72,7 @@ class EvalSettings:
     steps: list[int | None] = field(default_factory=lambda: [None])
     guidance: str | None = None
     guidance_scale: float | None = None
+    timestep_spacing: str | None = None  # None: the model's scheduler config
     captions: str = "ground-truth"  # ground-truth | none | a captions file
     seed: int = 0
     ceiling: bool = True
@@ -232,6 +233,7 @@ class _Evaluator:
                     steps=steps,
                     guidance=self.s.guidance,
                     guidance_scale=self.s.guidance_scale,
+                    timestep_spacing=self.s.timestep_spacing,
                 )
                 y = _quantize(torch.stack(y).cpu())
                 self._record(series, k, items, x, y, scored, labels, results, files)
@@ -299,7 +301,7 @@ def _load_cache(out: Path, image_id: str) -> _ImageResult:
 # -- the run ------------------------------------------------------------------------------
 def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Backbones) -> dict:
     """Everything a results table must state (DESIGN: evaluation protocol)."""
-    sched = model.scheduler.config
+    sched = model.sampler(settings.timestep_spacing).config
     return {
         **data.describe(),
         "rate": model.rate.name,
@@ -537,6 +539,7 @@ def run(cfg) -> dict | None:
         steps=list(cfg.eval.steps),
         guidance=cfg.eval.guidance,
         guidance_scale=cfg.eval.guidance_scale,
+        timestep_spacing=cfg.eval.get("timestep_spacing"),
         captions=str(cfg.eval.captions),
         seed=cfg.eval.seed,
         ceiling=cfg.eval.ceiling,

@@ -250,3 +250,35 @@ def test_lowpass_term_adds_the_loss_of_the_window_averaged_error():
         single = model(image, [None], timesteps=t, noise=noise).diffusion.item()
     assert plain < both < 3 * plain  # the mean error of the latent counts, but less than all
     assert single == pytest.approx(3 * plain, rel=1e-5)
+
+
+def test_timestep_spacing_is_a_model_setting_and_a_decode_option(model, images, tmp_path):
+    """SD 2.1's "leading" spacing with steps_offset 1 starts a 5-step decode at t=801,
+    "trailing" at t=999 (pure noise, as in training); the model's own spacing is the
+    default, so files of old checkpoints decode as before."""
+    assert model.scheduler.config.timestep_spacing == "leading"
+    firsts = {}
+    for spacing in ("leading", "trailing", "linspace"):
+        sampler = model.sampler(spacing)
+        sampler.set_timesteps(5)
+        firsts[spacing] = int(sampler.timesteps[0])
+    assert firsts == {"leading": 801, "trailing": 999, "linspace": 999}
+    assert model.sampler() is model.sampler("leading") is model.scheduler
+    with pytest.raises(ValueError, match="leading, trailing or linspace"):
+        model.sampler("uniform")
+
+    enc = model.encode(images[:1])
+    default = model.decode(enc, steps=3)[0]
+    assert torch.equal(default, model.decode(enc, steps=3, timestep_spacing="leading")[0])
+    assert not torch.equal(default, model.decode(enc, steps=3, timestep_spacing="trailing")[0])
+
+    sd = save_tiny_stable_diffusion(tmp_path / "sd")
+    trailing = PerCo.from_stable_diffusion(sd, rate="r0.0059", timestep_spacing="trailing")
+    trailing.save_pretrained(tmp_path / "ckpt")
+    back = PerCo.from_pretrained(tmp_path / "ckpt")
+    assert back.scheduler.config.timestep_spacing == "trailing"
+    assert (
+        back.fingerprint
+        == trailing.fingerprint
+        != PerCo.from_stable_diffusion(sd, rate="r0.0059").fingerprint
+    )

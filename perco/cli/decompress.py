@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", choices=GUIDANCE_MODES, help="CFG mode (default: model's)")
     parser.add_argument("--guidance-scale", type=float, help="CFG scale (default: model's)")
     parser.add_argument(
+        "--timestep-spacing",
+        choices=("leading", "trailing", "linspace"),
+        help="sampler timestep spacing (default: the model's scheduler config)",
+    )
+    parser.add_argument(
         "--coarse",
         action="store_true",
         help="write the coarse reconstruction (one forward pass; SPRDiff-style models only)",
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             guidance=args.guidance,
             guidance_scale=args.guidance_scale,
+            timestep_spacing=args.timestep_spacing,
             timer=timer,
             progress=bar,
             coarse=args.coarse,

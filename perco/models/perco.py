@@ -263,13 +263,16 @@ class PerCo(nn.Module):
         rate: str | Rate = "r0.0019",
         *,
         torch_dtype: torch.dtype | None = None,
+        timestep_spacing: str | None = None,
         **kwargs,
     ) -> PerCo:
         """Start PerCo from a Stable Diffusion checkpoint (a hub id or a local folder).
 
         Loads ``vae``, ``unet``, ``text_encoder``, ``tokenizer`` and the ``scheduler``
         config (used with DDIM) from their subfolders; ``kwargs`` go to
-        :meth:`from_components`.
+        :meth:`from_components`. ``timestep_spacing`` (``leading``, ``trailing``,
+        ``linspace``) replaces the scheduler config's; the model saves it with its
+        scheduler, so its files decode with it.
         """
         from transformers import AutoTokenizer, CLIPTextModel
 
@@ -279,7 +282,8 @@ class PerCo(nn.Module):
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **load)
         tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
         check_tokenizer(tokenizer, str(pretrained))
-        scheduler = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+        spacing = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+        scheduler = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler", **spacing)
         return cls.from_components(vae, unet, text_encoder, tokenizer, scheduler, rate, **kwargs)
 
     # -- properties -----------------------------------------------------------------
@@ -642,12 +646,15 @@ class PerCo(nn.Module):
         seed: int = 0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         timer: StageTimer | None = None,
+        timestep_spacing: str | None = None,
     ) -> list[torch.Tensor]:
         """Reconstruct images ``(3, H, W)`` in ``[0, 1]``, cropped to their original sizes.
 
         ``steps``, ``guidance`` and ``guidance_scale`` default to the rate's steps and the
-        config. Without ``generator`` each image's noise comes from its own generator
-        seeded with ``seed``, so a reconstruction does not depend on the rest of the batch.
+        config; ``timestep_spacing`` to the model's scheduler config (which it replaces for
+        this call: ``leading``, ``trailing`` or ``linspace``). Without ``generator`` each
+        image's noise comes from its own generator seeded with ``seed``, so a
+        reconstruction does not depend on the rest of the batch.
         ``timer`` collects "text encoding", "decode steps" and "autoencoder decode".
         """
         if encoded.rate != self.rate.name:
@@ -667,7 +674,7 @@ class PerCo(nn.Module):
         with stage(timer, "decode steps"):
             latents = sample(
                 self.unet,
-                self.scheduler,
+                self.sampler(timestep_spacing),
                 local.spatial,
                 self._append(text, local.tokens),
                 self._append(null, local.tokens),
@@ -679,6 +686,18 @@ class PerCo(nn.Module):
         with stage(timer, "autoencoder decode"):
             images = ((self.autoencoder.decode(latents).float() + 1) / 2).clamp(0, 1)
         return self._crop(images, encoded.sizes)
+
+    def sampler(self, timestep_spacing: str | None = None):
+        """The scheduler decoding uses: the model's, or a copy with another spacing."""
+        if timestep_spacing in (None, self.scheduler.config.timestep_spacing):
+            return self.scheduler
+        if timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(
+                f"timestep_spacing must be leading, trailing or linspace, not {timestep_spacing!r}"
+            )
+        return type(self.scheduler).from_config(
+            self.scheduler.config, timestep_spacing=timestep_spacing
+        )
 
     @staticmethod
     def _crop(images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
