@@ -73,7 +73,9 @@ class EvalSettings:
     guidance: str | None = None
     guidance_scale: float | None = None
     timestep_spacing: str | None = None  # None: the model's scheduler config
-    captions: str = "ground-truth"  # ground-truth | none | a captions file
+    captions: str = "ground-truth"  # ground-truth | none | captioner | a captions file
+    captioner: str = "blip2"  # with captions="captioner": a perco.captioning spec
+    caption_codec: str | None = None  # None: the shortest that applies; "zlib": the paper's
     seed: int = 0
     ceiling: bool = True
     batch_size: int = 4
@@ -137,22 +139,37 @@ class _Evaluator:
         self.latent_cache = latent_cache
         self.keep = keep  # ids whose reconstructions are saved as PNG
         self.file_captions = {}
-        if settings.captions not in ("ground-truth", "none"):
+        self.captioner = None
+        if settings.captions == "captioner":
+            from .captioning import load_captioner
+
+            self.captioner = load_captioner(settings.captioner)
+        elif settings.captions not in ("ground-truth", "none"):
             from .io import read_captions
 
             self.file_captions = read_captions(settings.captions)
+        self.codecs = None if settings.caption_codec is None else [settings.caption_codec]
         self.device = model.device
 
-    def captions_for(self, item: dict) -> tuple[str | None, str | None]:
-        """(conditioning caption, ground-truth caption CLIP text–image is scored with):
-        the scoring caption is never the conditioning one."""
-        gt = item["captions"]
-        if self.s.captions == "none":
-            return None, gt[0] if gt else None
-        if self.s.captions == "ground-truth":
-            return (gt[0] if gt else None), (gt[1] if len(gt) > 1 else None)
-        caption = self.file_captions.get(item["id"])
-        return caption, next((c for c in gt if c != caption), None)
+    def captions_for(self, items: list[dict], images: torch.Tensor) -> list[tuple]:
+        """(conditioning caption, ground-truth caption CLIP text–image is scored with) per
+        image: the scoring caption is never the conditioning one."""
+        if self.captioner is not None:  # made at encode time from the image, as the paper
+            from .io import to_pil
+
+            made = self.captioner([to_pil(x) for x in images], [it["id"] for it in items])
+        out = []
+        for i, item in enumerate(items):
+            gt = item["captions"]
+            if self.s.captions == "none":
+                out.append((None, gt[0] if gt else None))
+            elif self.s.captions == "ground-truth":
+                out.append(((gt[0] if gt else None), (gt[1] if len(gt) > 1 else None)))
+            else:
+                caption = made[i] if self.captioner else self.file_captions.get(item["id"])
+                caption = caption or None
+                out.append((caption, next((c for c in gt if c != caption), None)))
+        return out
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """FID features per image: one vector, or one per HiFiC patch."""
@@ -208,7 +225,7 @@ class _Evaluator:
 
     def run(self, items: list[dict]) -> None:
         x = torch.stack([it["image"] for it in items])
-        captions = [self.captions_for(it) for it in items]
+        captions = self.captions_for(items, x)
         scored = [s for _, s in captions]
         labels = [it["labels"] for it in items]
         results = {it["id"]: _ImageResult() for it in items}
@@ -217,8 +234,12 @@ class _Evaluator:
                 results[it["id"]].features["real"] = f
 
         z = self.latents([it["id"] for it in items], x)
-        files = codec.compress(self.model, x.to(self.device), [c for c, _ in captions], latents=z)
+        conditioning = [c for c, _ in captions]
+        files = codec.compress(
+            self.model, x.to(self.device), conditioning, latents=z, caption_codecs=self.codecs
+        )
         parsed = [codec.parse(self.model, data)[0] for data, _ in files]
+        decoded = [p.caption for p in parsed]  # what the decoder reads from each file
         for steps in self.s.steps:
             series, samples = _series(steps, self.model), []
             for k in range(self.s.samples):
@@ -236,17 +257,17 @@ class _Evaluator:
                     timestep_spacing=self.s.timestep_spacing,
                 )
                 y = _quantize(torch.stack(y).cpu())
-                self._record(series, k, items, x, y, scored, labels, results, files)
+                self._record(series, k, items, x, y, scored, labels, results, files, decoded)
                 samples.append(y)
             if len(samples) > 1:
                 self._diversity(series, samples, items, results)
         if self.s.ceiling:
             y = _quantize(self.autoencode(z, x.shape[-2:]))
-            self._record(CEILING, 0, items, x, y, scored, labels, results, None)
+            self._record(CEILING, 0, items, x, y, scored, labels, results, None, None)
         for it in items:
             self._write_cache(it["id"], results[it["id"]])
 
-    def _record(self, series, k, items, x, y, scored, labels, results, files) -> None:
+    def _record(self, series, k, items, x, y, scored, labels, results, files, captions):
         metrics, counts = self.measure(x, y, scored, labels)
         fake = self.features(y) if self.b.features is not None else None
         for i, it in enumerate(items):
@@ -256,7 +277,8 @@ class _Evaluator:
             if files is not None:
                 b = files[i][1]
                 row.update(bytes=b.file_bytes, bpp_file=b.bpp_file, bpp_payload=b.bpp_payload,
-                           caption_bits=b.caption_bits)  # fmt: skip
+                           caption_bits=b.caption_bits, caption_codec=b.caption_codec,
+                           caption=captions[i] or "")  # fmt: skip
             row.update(metrics[i])
             result.rows.append(row)
             if fake is not None:
@@ -313,7 +335,9 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
         "guidance_scale": model.config.guidance_scale
         if settings.guidance_scale is None
         else settings.guidance_scale,
-        "captions": settings.captions,
+        "captions": _caption_source(settings),
+        "caption_codec": settings.caption_codec or "the shortest that applies (per file)",
+        "clip_text_caption": "a ground-truth caption other than the conditioning one",
         "seed": settings.seed,
         "seeding": "sha256(seed/image id/sample index)",
         "samples_per_image": settings.samples,
@@ -325,6 +349,52 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
         **backbones.describe(),
         "metrics_on": "8-bit reconstructions (as saved to PNG)",
     }
+
+
+def _caption_source(settings: EvalSettings) -> str:
+    if settings.captions == "captioner":
+        return f"captioner {settings.captioner}, at encode time"
+    if settings.captions in ("ground-truth", "none"):
+        return settings.captions
+    return f"file {settings.captions}"
+
+
+# the paper's protocol (Careil et al. 2024, §4.1 and Fig. 7-8): what `protocol=paper` sets
+PAPER = {
+    "captions": "captioner blip2, at encode time",
+    "caption_codec": "zlib",
+    "guidance": "text",
+    "guidance_scale": 3.0,
+}
+
+
+def departures(doc: dict, model: PerCo, settings: EvalSettings) -> list[str]:
+    """Every point where a run departs from the paper's protocol, in words."""
+    proto, out = doc["protocol"], []
+    if proto["captions"] != PAPER["captions"]:
+        out.append(f"captions: {proto['captions']} (paper: BLIP-2 captions made at encode time)")
+    if proto.get("uncaptioned_images"):
+        out.append(
+            f"{proto['uncaptioned_images']} of {proto['images']} images decoded without a caption"
+        )
+    if proto["caption_codec"] != PAPER["caption_codec"]:
+        out.append(f"caption codec: {proto['caption_codec']} (paper: zlib)")
+    if proto["guidance"] != PAPER["guidance"] or proto["guidance_scale"] != PAPER["guidance_scale"]:
+        out.append(
+            f"guidance: {proto['guidance']} at {proto['guidance_scale']} (paper: text only at 3)"
+        )
+    if any(s != model.rate.steps for s in proto["steps"]):
+        out.append(f"steps {proto['steps']} (the rung's default: {model.rate.steps})")
+    if str(proto["fid_variant"]).startswith("patches"):
+        out.append(f"FID/KID on {proto['fid_variant']} (paper: whole images; none on Kodak)")
+    features = str(proto.get("fid_features") or "")
+    if features and "inception" not in features.lower():
+        out.append(f"FID/KID features: {features} (paper: Inception v3), not comparable")
+    if proto.get("segmenter"):
+        out.append(f"mIoU segmenter: {proto['segmenter']} (paper: ViT-Adapter), not comparable")
+    if proto["transform"] != "native":
+        out.append(f"images transformed: {proto['transform']}")
+    return out
 
 
 def evaluate(
@@ -438,6 +508,20 @@ def _write_outputs(out, data, settings, proto, name, model) -> dict:
     series = [f"steps={s}" for s in steps]
     summaries = [summarise(results, settings, s) for s in series]
     keys = list(dict.fromkeys(k for s in summaries for k in s))
+    first = [r for r in rows if r["series"] == series[0] and r["sample"] == 0]
+    captioned = sum(1 for r in first if r.get("caption"))
+    proto = {**proto, "captioned_images": captioned, "uncaptioned_images": len(first) - captioned}
+    if captioned == 0 and settings.captions != "none":  # say what the images really got
+        proto["captions"] = f"none ({proto['captions']} gave no caption for any image)"
+    warnings = []
+    if model.config.guidance != "none" and proto["uncaptioned_images"]:
+        warnings.append(
+            f"{proto['uncaptioned_images']} of {len(first)} images were decoded without a "
+            f"caption by a text-conditioned model (guidance {model.config.guidance}): guidance "
+            "did nothing for them; eval.captions=captioner captions them as the paper does"
+        )
+    codecs = sorted({r["caption_codec"] for r in first if r.get("caption")})
+    proto["caption_codecs_used"] = codecs
     doc = {
         "name": name,
         "description": f"{name} at {model.rate.name} on {data.name} "
@@ -450,6 +534,11 @@ def _write_outputs(out, data, settings, proto, name, model) -> dict:
             **{k: [s.get(k) for s in summaries] for k in keys},
         },
     }
+    doc["departures_from_paper"] = departures(doc, model, settings)
+    if warnings:
+        doc["warnings"] = warnings
+        for w in warnings:
+            log.warning(w)
     if settings.ceiling:
         doc["autoencoder_ceiling"] = summarise(results, settings, CEILING)
     dims = next((f.shape[-1] for r in results.values() for f in r.features.values()), None)
@@ -541,6 +630,8 @@ def run(cfg) -> dict | None:
         guidance_scale=cfg.eval.guidance_scale,
         timestep_spacing=cfg.eval.get("timestep_spacing"),
         captions=str(cfg.eval.captions),
+        captioner=str(cfg.eval.get("captioner", "blip2")),
+        caption_codec=cfg.eval.get("caption_codec"),
         seed=cfg.eval.seed,
         ceiling=cfg.eval.ceiling,
         batch_size=cfg.eval.batch_size,

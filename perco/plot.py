@@ -56,8 +56,12 @@ def _curves(docs: list[dict], x: str) -> dict[str, list[tuple[float, dict]]]:
     curves = defaultdict(list)
     for doc in docs:
         res = doc["results"]
+        name = doc["name"]
+        codecs = doc.get("protocol", {}).get("caption_codecs_used")
+        if codecs:  # the caption codec behind the bpp
+            name += f" [{'/'.join(codecs)} captions]"
         for i in range(len(res.get(x, []))):
-            label = doc["name"] if len(res[x]) == 1 else f"{doc['name']} ({res['steps'][i]} steps)"
+            label = name if len(res[x]) == 1 else f"{name} ({res['steps'][i]} steps)"
             curves[label].append((res[x][i], {k: v[i] for k, v in res.items()}))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
 

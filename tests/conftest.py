@@ -53,3 +53,15 @@ def photo_folder(tmp_path):
         save_image(torch.rand(3, 72, 80 + 4 * i, generator=g), folder / f"img{i}.png")
     (folder / "captions.tsv").write_text("img0\ta red square\nimg3.png\tblue noise\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def blip2_dir(tmp_path_factory):
+    """A tiny random BLIP-2 saved like a hub checkpoint (loaded through the real loader)."""
+    from perco.tiny import tiny_blip2
+
+    folder = tmp_path_factory.mktemp("blip2")
+    model, processor = tiny_blip2()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

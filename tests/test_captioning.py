@@ -29,16 +29,6 @@ CAPTION = "A woman holding an umbrella walks past a yellow taxi."
 
 
 @pytest.fixture(scope="module")
-def blip2_dir(tmp_path_factory):
-    """A tiny random BLIP-2 saved like a hub checkpoint."""
-    folder = tmp_path_factory.mktemp("blip2")
-    model, processor = tiny_blip2()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     return clip_tokenizer()
 

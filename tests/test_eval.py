@@ -97,6 +97,50 @@ def test_eval_writes_csv_json_plot_and_grid_and_resumes(photos, tmp_path, assets
         run(config(photos, out, "eval.steps=[4]"))
 
 
+def test_paper_protocol_captions_at_encode_time_and_codes_them_with_zlib(
+    photos, tmp_path, blip2_dir
+):
+    from perco.captioning import Blip2Captioner
+    from perco.io import load_image, to_pil
+
+    doc = run(
+        config(
+            photos, tmp_path / "paper", "protocol=paper", f"eval.captioner=blip2:{blip2_dir}",
+            "eval.ceiling=false",
+        )
+    )  # fmt: skip
+    proto = doc["protocol"]
+    assert proto["captions"] == f"captioner blip2:{blip2_dir}, at encode time"
+    assert proto["caption_codec"] == "zlib" and proto["caption_codecs_used"] == ["zlib"]
+    assert (proto["captioned_images"], proto["uncaptioned_images"]) == (3, 0)
+    assert proto["guidance"] == "text" and proto["guidance_scale"] == 3.0
+    rows = list(csv.DictReader((tmp_path / "paper" / "r0.0019" / "per_image.csv").open()))
+    captioner = Blip2Captioner(blip2_dir)
+    for row in rows:  # each image got the caption the captioner makes of it, zlib-coded
+        image = load_image(photos / f"{row['id']}.png")[0]
+        assert row["caption"] == captioner([to_pil(image)], [row["id"]])[0] != ""
+        assert row["caption_codec"] == "zlib" and int(row["caption_bits"]) > 0
+    departures = doc["departures_from_paper"]
+    assert any(d.startswith("captions: captioner blip2:") for d in departures)  # a stand-in
+    assert any(d.startswith("steps [2]") for d in departures)
+    assert not any("caption codec" in d or "guidance" in d for d in departures)
+    from perco.plot import _curves
+
+    assert list(_curves([doc], "bpp_payload")) == ["perco [zlib captions]"]  # plot legend
+
+
+def test_the_protocol_never_claims_captions_that_images_did_not_get(photos, tmp_path):
+    (photos / "captions.tsv").unlink()  # a set without ground-truth captions, like Kodak
+    overrides = ["dataset.captions=null", "eval.ceiling=false"]
+    doc = run(config(photos, tmp_path / "gt", *overrides))
+    proto = doc["protocol"]
+    assert proto["captions"] == "none (ground-truth gave no caption for any image)"
+    assert (proto["captioned_images"], proto["uncaptioned_images"]) == (0, 3)
+    assert "decoded without a caption by a text-conditioned model" in doc["warnings"][0]
+    assert any("3 of 3 images decoded without a caption" in d for d in doc["departures_from_paper"])
+    assert any("caption codec" in d for d in doc["departures_from_paper"])
+
+
 def test_results_do_not_depend_on_batching_and_seeds_are_per_reconstruction(
     photos, tmp_path, assets
 ):
