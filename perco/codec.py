@@ -57,6 +57,11 @@ def compress(
     :func:`~perco.captioning.text_codec.caption_codecs`); ``["exact"]`` keeps the caption
     text verbatim."""
     check_image_size(model, *images.shape[-2:])
+    if model.config.local != "quantized":
+        raise ValueError(
+            f"this model is an ablation without a bitstream (local={model.config.local!r}); "
+            "perco-eval measures it directly"
+        )
     encoded = model.encode(images, captions, latents=latents, timer=timer)
     codecs = text_codec.caption_codecs(model.tokenizer, caption_codecs)
     pq = model.global_codebook

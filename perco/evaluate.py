@@ -235,29 +235,15 @@ class _Evaluator:
 
         z = self.latents([it["id"] for it in items], x)
         conditioning = [c for c, _ in captions]
-        files = codec.compress(
-            self.model, x.to(self.device), conditioning, latents=z, caption_codecs=self.codecs
-        )
-        parsed = [codec.parse(self.model, data)[0] for data, _ in files]
-        decoded = [p.caption for p in parsed]  # what the decoder reads from each file
+        if self.model.config.local == "quantized":
+            rates, decoded, reconstruct = self._through_files(items, x, z, conditioning)
+        else:
+            rates, decoded, reconstruct = self._ablation(items, x, z, conditioning)
         for steps in self.s.steps:
             series, samples = _series(steps, self.model), []
             for k in range(self.s.samples):
-                seeded = [
-                    replace(p, seed=reconstruction_seed(self.s.seed, it["id"], k))
-                    for p, it in zip(parsed, items, strict=True)
-                ]
-                y = codec.decompress(
-                    self.model,
-                    seeded,
-                    batch_size=self.s.batch_size,
-                    steps=steps,
-                    guidance=self.s.guidance,
-                    guidance_scale=self.s.guidance_scale,
-                    timestep_spacing=self.s.timestep_spacing,
-                )
-                y = _quantize(torch.stack(y).cpu())
-                self._record(series, k, items, x, y, scored, labels, results, files, decoded)
+                y = _quantize(torch.stack(reconstruct(steps, k)).cpu())
+                self._record(series, k, items, x, y, scored, labels, results, rates, decoded)
                 samples.append(y)
             if len(samples) > 1:
                 self._diversity(series, samples, items, results)
@@ -267,18 +253,71 @@ class _Evaluator:
         for it in items:
             self._write_cache(it["id"], results[it["id"]])
 
-    def _record(self, series, k, items, x, y, scored, labels, results, files, captions):
+    def _decode_options(self, steps) -> dict:
+        return {
+            "steps": steps,
+            "guidance": self.s.guidance,
+            "guidance_scale": self.s.guidance_scale,
+            "timestep_spacing": self.s.timestep_spacing,
+        }
+
+    def _through_files(self, items, x, z, conditioning):
+        """Real ``.perco`` files: (rates, the captions the files carry, reconstruct)."""
+        files = codec.compress(
+            self.model, x.to(self.device), conditioning, latents=z, caption_codecs=self.codecs
+        )
+        parsed = [codec.parse(self.model, data)[0] for data, _ in files]
+        rates = [
+            {"bytes": b.file_bytes, "bpp_file": b.bpp_file, "bpp_payload": b.bpp_payload,
+             "caption_bits": b.caption_bits, "caption_codec": b.caption_codec}
+            for _, b in files
+        ]  # fmt: skip
+
+        def reconstruct(steps, k):
+            seeded = [
+                replace(p, seed=reconstruction_seed(self.s.seed, it["id"], k))
+                for p, it in zip(parsed, items, strict=True)
+            ]
+            return codec.decompress(
+                self.model, seeded, batch_size=self.s.batch_size, **self._decode_options(steps)
+            )
+
+        return rates, [p.caption for p in parsed], reconstruct
+
+    def _ablation(self, items, x, z, conditioning):
+        """An ablation without a bitstream (``local`` continuous or none), decoded from its
+        encoding: the text-only model's rate is its caption's, the other's not applicable."""
+        from .captioning import text_codec
+
+        encoded = self.model.encode(x.to(self.device), conditioning, latents=z)
+        pixels = x.shape[-2] * x.shape[-1]
+        codecs = text_codec.caption_codecs(self.model.tokenizer, self.codecs)
+        rates = []
+        for caption in conditioning:
+            rate = {"bytes": math.nan, "bpp_file": math.nan, "bpp_payload": math.nan}
+            if self.model.config.local == "none":
+                codec_id, data = text_codec.encode_caption(caption, codecs)
+                name = text_codec.CODEC_NAMES.get(codec_id, str(codec_id))
+                rate.update(bpp_payload=8 * len(data) / pixels, caption_bits=8 * len(data),
+                            caption_codec=name)  # fmt: skip
+            rates.append(rate)
+
+        def reconstruct(steps, k):
+            seeds = [reconstruction_seed(self.s.seed, it["id"], k) for it in items]
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+            return self.model.decode(encoded, generator=generators, **self._decode_options(steps))
+
+        return rates, conditioning, reconstruct
+
+    def _record(self, series, k, items, x, y, scored, labels, results, rates, captions):
         metrics, counts = self.measure(x, y, scored, labels)
         fake = self.features(y) if self.b.features is not None else None
         for i, it in enumerate(items):
             result = results[it["id"]]
             row = {"id": it["id"], "series": series, "sample": k, "height": x.shape[-2],
                    "width": x.shape[-1]}  # fmt: skip
-            if files is not None:
-                b = files[i][1]
-                row.update(bytes=b.file_bytes, bpp_file=b.bpp_file, bpp_payload=b.bpp_payload,
-                           caption_bits=b.caption_bits, caption_codec=b.caption_codec,
-                           caption=captions[i] or "")  # fmt: skip
+            if rates is not None:
+                row.update(rates[i], caption=str(captions[i] or ""))
             row.update(metrics[i])
             result.rows.append(row)
             if fake is not None:
@@ -327,6 +366,7 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
     return {
         **data.describe(),
         "rate": model.rate.name,
+        **({"ablation": ABLATIONS[model.config.local]} if model.config.local in ABLATIONS else {}),
         "model_fingerprint": model.fingerprint.hex(),
         "scheduler": f"{type(model.scheduler).__name__} ({sched.prediction_type}, "
         f"{sched.timestep_spacing} spacing)",
@@ -358,6 +398,12 @@ def _caption_source(settings: EvalSettings) -> str:
         return settings.captions
     return f"file {settings.captions}"
 
+
+ABLATIONS = {  # PerCoConfig.local: what an ablation's rows measure
+    "continuous": "PerCo without quantization (paper Table 1 right): continuous z_l in "
+    "float32, no bitstream, rate not applicable",
+    "none": "text-only (paper Fig. 7): no z_l; bpp_payload is the caption's bits, no file",
+}
 
 # the paper's protocol (Careil et al. 2024, §4.1 and Fig. 7-8): what `protocol=paper` sets
 PAPER = {
@@ -520,7 +566,9 @@ def _write_outputs(out, data, settings, proto, name, model) -> dict:
             f"caption by a text-conditioned model (guidance {model.config.guidance}): guidance "
             "did nothing for them; eval.captions=captioner captions them as the paper does"
         )
-    codecs = sorted({r["caption_codec"] for r in first if r.get("caption")})
+    codecs = sorted(
+        {r["caption_codec"] for r in first if r.get("caption") and "caption_codec" in r}
+    )
     proto["caption_codecs_used"] = codecs
     doc = {
         "name": name,

@@ -47,6 +47,9 @@ class EncodedImages:
         rate: name of the rung the indices were produced at.
         global_codes: ``(B, M)`` product-quantizer codes of a global image embedding
             (PerCo-Image), or ``None``.
+        features: ``(B, codebook_dim, h, w)`` continuous codes on the padded grid, for the
+            ablation without quantization (``PerCoConfig.local="continuous"``; its
+            ``indices`` are then all zero and carry nothing), or ``None``.
     """
 
     indices: torch.Tensor
@@ -55,6 +58,7 @@ class EncodedImages:
     padded_size: tuple[int, int]
     rate: str
     global_codes: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.indices.shape[0]

@@ -282,3 +282,29 @@ def test_timestep_spacing_is_a_model_setting_and_a_decode_option(model, images, 
         == trailing.fingerprint
         != PerCo.from_stable_diffusion(sd, rate="r0.0059").fingerprint
     )
+
+
+@pytest.mark.parametrize("local", ["continuous", "none"])
+def test_ablations_condition_on_continuous_or_no_local_context(images, local):
+    quantized = tiny_perco("r0.0059").eval()
+    model = tiny_perco("r0.0059", local=local).eval()
+    assert model.fingerprint != quantized.fingerprint
+    losses = model.train()(images, ["a", None], generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses.loss) and losses.vq == 0
+    model.eval()
+    enc = model.encode(images)
+    if local == "continuous":  # the hyper-latent itself: changing it changes the decode
+        assert enc.features is not None and enc.features.shape[1] == 8
+        out = model.decode(enc, steps=1)[0]
+        enc.features = enc.features + 1
+        assert not torch.equal(out, model.decode(enc, steps=1)[0])
+    else:  # no z_l: without captions, two different images decode to the same picture
+        assert enc.features is None
+        a, b = model.decode(enc, steps=1)
+        assert torch.equal(a, b)
+    from perco import codec
+
+    with pytest.raises(ValueError, match="ablation without a bitstream"):
+        codec.compress(model, images)
+    with pytest.raises(ValueError, match="local must be"):
+        tiny_perco("r0.0059", local="zero")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,46 @@ def test_taef2_pixel_metric_is_concentrated_and_not_diagonal(assets):
     assert top2 > 0.3  # 2 of 32 channels: a plain latent MSE would give them 1/16
     off = metric - torch.diag(diagonal)
     assert off.norm() > 0.1 * metric.norm()  # channels act together in pixels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["tiny_taef2_noquant", "tiny_taef2_textonly"])
+def test_the_ablations_train_and_evaluate_on_the_small_real_model(assets, tmp_path, experiment):
+    """PerCo without quantization and the text-only model (paper Table 1 right, Fig. 7):
+    selected by an experiment config, trained by perco-train, measured by perco-eval."""
+    from hydra import compose, initialize_config_dir
+
+    from perco.evaluate import run
+    from perco.train import train
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
+        (photos / p.name).symlink_to(p.resolve())
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    overrides = [
+        f"experiment={experiment}", "rate=r0.0098", f"paths.assets_dir={assets.resolve()}",
+        f"paths.output_dir={tmp_path / 'runs'}", f"model.folders=[{photos}]",
+        f"model.latent_cache={tmp_path / 'cache.safetensors'}", "model.block_out_channels=[16,32]",
+        "trainer.max_steps=6", "trainer.batch_size=2", "trainer.val_every=3",
+        "trainer.tensorboard=false", "trainer.sample_steps=1",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        summary = train(compose("train", overrides=overrides))
+        assert summary["steps"] == 6 and summary["fixed_loss_end"] < summary["fixed_loss_start"]
+        kodak = [
+            "dataset=folder", f"dataset.root={photos}", "metrics=offline", "metrics.patch_size=64",
+            f"paths.assets_dir={assets.resolve()}", f"output_dir={tmp_path / 'eval'}",
+            f"checkpoint={tmp_path / 'runs' / experiment}", "rate=r0.0098", "eval.steps=[1]",
+            "eval.ceiling=false",
+        ]  # fmt: skip
+        doc = run(compose("eval", overrides=kodak))
+    model = PerCo.from_pretrained(tmp_path / "runs" / experiment / "r0.0098" / "model")
+    local = {"tiny_taef2_noquant": "continuous", "tiny_taef2_textonly": "none"}[experiment]
+    assert model.config.local == local
+    assert doc["protocol"]["ablation"].startswith(("PerCo without quantization", "text-only"))
+    assert doc["results"]["psnr"][0] > 5
+    if local == "continuous":  # no bitstream: the rate is not applicable
+        assert math.isnan(doc["results"]["bpp_payload"][0])
+    else:  # no z_l, no captions here: nothing is coded
+        assert doc["results"]["bpp_payload"][0] == 0

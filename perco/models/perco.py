@@ -38,7 +38,7 @@ from ..fingerprint import fingerprint
 from ..rates import Rate, get_rate, hyper_latent_size
 from ..sampling import GUIDANCE_MODES, GuidanceMode, sample
 from ..timing import StageTimer, stage
-from ..types import EncodedImages, PerCoLoss
+from ..types import EncodedImages, PerCoLoss, QuantizerOutput
 from .autoencoders import Autoencoder, SDAutoencoder, load_autoencoder
 from .hyper_encoder import HyperEncoder
 from .quantizer import VectorQuantizer
@@ -94,6 +94,13 @@ class PerCoConfig:
             before, an error that averages out costs nothing more: the index bits go
             first to regional means (colour, brightness), as JPEG's DC coefficients do.
         lowpass_size: window of ``lowpass_weight``, in latent positions.
+        local: the local context ``z_l``. ``"quantized"``: PerCo's vector-quantized
+            hyper-latent. Two ablations of the paper: ``"continuous"`` — the
+            hyper-encoder's output in the codebook space, not quantized ("PerCo w/o
+            quantization", Table 1 right; float32, no bitstream, rate not applicable);
+            ``"none"`` — no local context, the U-Net's ``z_l`` channels are zero (the
+            text-only model of Fig. 7; only the caption is coded). Ablation models have
+            no ``.perco`` files: :func:`perco.evaluate.evaluate` measures them directly.
     """
 
     rate: Rate
@@ -104,6 +111,7 @@ class PerCoConfig:
     latent_metric: list[list[float]] | None = None
     lowpass_weight: float = 0.0
     lowpass_size: int = 4
+    local: Literal["quantized", "continuous", "none"] = "quantized"
 
     def __post_init__(self):
         if isinstance(self.rate, dict):
@@ -113,6 +121,10 @@ class PerCoConfig:
             raise ValueError(f"condition must be 'codes' or 'projected', got {self.condition!r}")
         if self.guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
+        if self.local not in ("quantized", "continuous", "none"):
+            raise ValueError(
+                f"local must be 'quantized', 'continuous' or 'none', got {self.local!r}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -334,8 +346,11 @@ class PerCo(nn.Module):
     def _settings(self) -> dict:
         scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
         variant = {} if self.variant == "perco" else {"variant": self.variant}  # PerCo's as before
+        settings = self.config.to_dict()
+        if settings["local"] == "quantized":  # PerCo's fingerprint as before the ablations
+            del settings["local"]
         return {
-            **self.config.to_dict(),
+            **settings,
             **variant,
             "autoencoder": self.autoencoder.name,
             "scheduler_class": type(self.scheduler).__name__,
@@ -440,8 +455,31 @@ class PerCo(nn.Module):
 
     def _z_l(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors → ``z_l`` as the U-Net is conditioned on it (projected to the
-        quantizer's ``dim`` when ``condition="projected"``), on the hyper-latent grid."""
-        return self.quantizer.project_out(codes) if self.config.condition == "projected" else codes
+        quantizer's ``dim`` when ``condition="projected"``), on the hyper-latent grid;
+        all zero for the text-only ablation (``local="none"``)."""
+        projected = self.config.condition == "projected"
+        if self.config.local == "none":
+            width = self.quantizer.config.dim if projected else codes.shape[1]
+            return codes.new_zeros(codes.shape[0], width, *codes.shape[-2:])
+        return self.quantizer.project_out(codes) if projected else codes
+
+    def _quantize(
+        self, latents: torch.Tensor, padded: torch.Tensor | None, generator=None
+    ) -> QuantizerOutput:
+        """The local context of a training step: PerCo's quantized hyper-latent, or an
+        ablation's (``config.local``), which has no indices, loss or code statistics."""
+        local = self.config.local
+        if local == "quantized":
+            hyper = self.hyper_encoder(self._hyper_input(latents, padded))
+            return self.quantizer(hyper, generator)
+        if local == "continuous":
+            z = self.quantizer.project_in(self.hyper_encoder(self._hyper_input(latents, padded)))
+        else:
+            h, w = (s // self.rate.downsample for s in latents.shape[-2:])
+            z = latents.new_zeros(latents.shape[0], self.quantizer.config.codebook_dim, h, w)
+        nan = z.new_full((), float("nan"))
+        indices = torch.zeros(z.shape[0], *z.shape[-2:], dtype=torch.long, device=z.device)
+        return QuantizerOutput(z, indices, z.new_zeros(()), nan, nan)
 
     def _spatial(self, codes: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
         """Code vectors → the channels concatenated to ``x_t``, on the latent grid."""
@@ -493,7 +531,7 @@ class PerCo(nn.Module):
                     f"gives {self.autoencoder.latent_channels}: pre-computed with another one?"
                 )
             latents = latents.to(self.device, self.unet.dtype)
-        q = self.quantizer(self.hyper_encoder(self._hyper_input(latents, padded)), generator)
+        q = self._quantize(latents, padded, generator)
         local = self._local(q.codes, latents.shape[-2:])
         text, null = self._context(captions, self._global(images)[0])
         p_drop = self.config.text_drop_prob
@@ -619,9 +657,15 @@ class PerCo(nn.Module):
                 latents = self._latents(padded)
         else:
             latents = latents.to(self.device)
+        features = None
         with stage(timer, "hyper-encoder"):
-            hyper = self.hyper_encoder(self._hyper_input(latents, padded))
-            indices = self.quantizer.encode(hyper)
+            if self.config.local == "quantized":
+                hyper = self.hyper_encoder(self._hyper_input(latents, padded))
+                indices = self.quantizer.encode(hyper)
+            else:  # ablations: continuous codes, or no local context at all
+                q = self._quantize(latents, padded)
+                indices = q.indices
+                features = q.codes if self.config.local == "continuous" else None
         with stage(timer, "global embedding"):
             global_codes = self._global(images)[1]
         gh, gw = self.index_grid(h, w)
@@ -633,6 +677,7 @@ class PerCo(nn.Module):
             padded_size=tuple(padded.shape[-2:]),
             rate=self.rate.name,
             global_codes=global_codes,
+            features=features,
         )
 
     @torch.no_grad()
@@ -707,6 +752,8 @@ class PerCo(nn.Module):
     def _decode_local(self, encoded: EncodedImages) -> Local:
         """The U-Net's conditions from coded indices (padded to the padded grid)."""
         latent_size = tuple(s // self.autoencoder.factor for s in encoded.padded_size)
+        if encoded.features is not None:  # PerCo without quantization: the codes themselves
+            return self._local(encoded.features.to(self.device), latent_size)
         indices = self.pad_indices(encoded.indices.to(self.device), encoded.padded_size)
         return self._local(self.quantizer.lookup(indices), latent_size)
 
