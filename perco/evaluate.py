@@ -114,7 +114,7 @@ def reconstruction_seed(seed: int, image_id: str, sample: int) -> int:
 
 
 def _series(steps: int | None, model: PerCo) -> str:
-    return f"steps={steps or model.rate.steps}"
+    return f"steps={steps or model.default_steps}"
 
 
 def _quantize(images: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,9 @@ class _Evaluator:
         self.keep = keep  # ids whose reconstructions are saved as PNG
         self.file_captions = {}
         self.captioner = None
-        if settings.captions == "captioner":
+        if not model.config.text:  # trained without captions: none is coded or given
+            pass
+        elif settings.captions == "captioner":
             from .captioning import load_captioner
 
             self.captioner = load_captioner(settings.captioner)
@@ -161,7 +163,7 @@ class _Evaluator:
         out = []
         for i, item in enumerate(items):
             gt = item["captions"]
-            if self.s.captions == "none":
+            if self.s.captions == "none" or not self.model.config.text:
                 out.append((None, gt[0] if gt else None))
             elif self.s.captions == "ground-truth":
                 out.append(((gt[0] if gt else None), (gt[1] if len(gt) > 1 else None)))
@@ -370,7 +372,7 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
         "model_fingerprint": model.fingerprint.hex(),
         "scheduler": f"{type(model.scheduler).__name__} ({sched.prediction_type}, "
         f"{sched.timestep_spacing} spacing)",
-        "steps": [s or model.rate.steps for s in settings.steps],
+        "steps": [s or model.default_steps for s in settings.steps],
         "guidance": settings.guidance or model.config.guidance,
         "guidance_scale": model.config.guidance_scale
         if settings.guidance_scale is None
@@ -430,7 +432,7 @@ def departures(doc: dict, model: PerCo, settings: EvalSettings) -> list[str]:
             f"guidance: {proto['guidance']} at {proto['guidance_scale']} (paper: text only at 3)"
         )
     if any(s != model.rate.steps for s in proto["steps"]):
-        out.append(f"steps {proto['steps']} (the rung's default: {model.rate.steps})")
+        out.append(f"steps {proto['steps']} (the paper's for this rung: {model.rate.steps})")
     if str(proto["fid_variant"]).startswith("patches"):
         out.append(f"FID/KID on {proto['fid_variant']} (paper: whole images; none on Kodak)")
     features = str(proto.get("fid_features") or "")
@@ -557,7 +559,9 @@ def _write_outputs(out, data, settings, proto, name, model) -> dict:
     first = [r for r in rows if r["series"] == series[0] and r["sample"] == 0]
     captioned = sum(1 for r in first if r.get("caption"))
     proto = {**proto, "captioned_images": captioned, "uncaptioned_images": len(first) - captioned}
-    if captioned == 0 and settings.captions != "none":  # say what the images really got
+    if not model.config.text:
+        proto["captions"] = "none (the model has no text conditioning)"
+    elif captioned == 0 and settings.captions != "none":  # say what the images really got
         proto["captions"] = f"none ({proto['captions']} gave no caption for any image)"
     warnings = []
     if model.config.guidance != "none" and proto["uncaptioned_images"]:

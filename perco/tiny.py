@@ -249,6 +249,7 @@ def taef2_perco(
     kwargs.setdefault("quantizer", {"codebook_dim": 16})
     kwargs.setdefault("guidance", "none")
     kwargs.setdefault("text_drop_prob", 0.0)
+    kwargs.setdefault("text", False)  # no captions: it refuses them rather than store them
     ae = load_taef2(taef2_dir, folders, latent_cache)
     if pixel_metric and folders:
         kwargs.setdefault("latent_metric", taef2_latent_metric(ae, folders, latent_cache))

@@ -203,3 +203,45 @@ def test_codec_api_matches_the_model(tmp_path):
     direct = model.decode(model.encode(images, ["a", None]), steps=2, seed=4)
     for a, b in zip(decoded, direct, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_model_without_text_refuses_captions_in_the_api_and_the_cli(photos, tmp_path, capsys):
+    model = tiny_perco("r0.0019", text=False, guidance="none").eval()
+    image = load_image(photos / "wide.png")
+    with pytest.raises(ValueError, match="no text conditioning"):
+        model.encode(image, ["motorbikes racing"])
+    with pytest.raises(ValueError, match="no text conditioning"):
+        codec.compress(model, image, ["motorbikes racing"])
+    assert len(codec.compress(model, image)) == 1  # no caption: fine
+    model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    code, out, err = _run(capsys, "compress", photos / "wide.png", "-o", tmp_path / "b",
+                          "--model", tmp_path / "m", "--caption", "motorbikes racing")  # fmt: skip
+    assert code == 2 and not (tmp_path / "b").exists()
+    assert err.strip().count("\n") == 0 and "no text conditioning" in err
+
+
+def test_one_rule_for_decoding_steps_shown_per_file(photos, tmp_path, capsys):
+    """--steps, else the model's `steps` (perco.json), else the rung's default."""
+    model = tiny_perco("r0.0019", steps=3).eval()
+    assert model.default_steps == 3 and tiny_perco("r0.0019").default_steps == 20
+    model.save_pretrained(tmp_path / "m")
+    bits = tmp_path / "bits"
+    assert (
+        _run(capsys, "compress", photos / "wide.png", "-o", bits, "--model", tmp_path / "m")[0] == 0
+    )
+    code, out, err = _run(
+        capsys, "decompress", bits, "-o", tmp_path / "r", "--model", tmp_path / "m"
+    )
+    assert code == 0, err
+    assert "3 steps" in out
+    parsed = codec.parse(model, (bits / "wide.perco").read_bytes())[0]
+    assert torch.equal(
+        codec.decompress(model, [parsed])[0], codec.decompress(model, [parsed], steps=3)[0]
+    )
+    _, out, _ = _run(capsys, "decompress", bits, "-o", tmp_path / "r", "--model", tmp_path / "m",
+                     "--steps", "2")  # fmt: skip
+    assert "2 steps" in out
+    with pytest.raises(SystemExit):
+        main(["decompress", "--help"])
+    assert "perco.json, else the rung's: 20 below 0.05 bpp, 5 above" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """Compress images to .perco files.
 
-    perco compress photos/ more.png -o out/ --model runs/r0.0019 --caption "a red barn"
-    perco compress photos/ -o out/ --model runs/r0.0019 --captioner blip2
+    perco compress photos/ more.png -o out/ --model runs/paper --rate r0.0019 --caption "a red barn"
+    perco compress photos/ -o out/ --model runs/paper --rate r0.0019 --captioner blip2
 
 Each image becomes ``<output-dir>/<stem>.perco`` (written to a temp name, then renamed).
 Images that pad to the same size are encoded together. A file that fails is reported in
@@ -71,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     captions = read_captions(args.captions_file) if args.captions_file else {}
     model = load_model(args.model, args.rate)
+    if not model.config.text and (args.caption or captions or args.captioner):
+        raise ValueError(
+            "this model has no text conditioning (trained without captions): --caption, "
+            "--captions-file and --captioner would only add bytes; leave them out"
+        )
     # a codec that does not apply to this model (tokens, another tokenizer) fails up front
     text_codec.caption_codecs(model.tokenizer, args.caption_codec)
     captioner = load_captioner(args.captioner) if args.captioner else None
@@ -143,7 +148,7 @@ def verify(model, path: Path, original: torch.Tensor, args, timer: StageTimer) -
     psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
     if args.save_verify:
         save_image(decoded, path.with_suffix(".verify.png"))
-    return {"parsed": True, "psnr": psnr, "steps": args.steps or model.rate.steps}
+    return {"parsed": True, "psnr": psnr, "steps": args.steps or model.default_steps}
 
 
 def print_table(files: list[dict]) -> None:

@@ -1,6 +1,9 @@
 """Decompress .perco files to PNG images.
 
-    perco decompress out/ -o recon/ --model runs/r0.0019 --steps 20
+    perco decompress bits/ -o recon/ --model runs/tiny_taef2 --rate r0.0019
+
+Steps: ``--steps``, else the model's default (``steps`` in its ``perco.json``, set by its
+training config; else the rung's: 20 below 0.05 bpp, 5 above); each file's line says which.
 
 Each file becomes ``<output-dir>/<stem>.png``. Files are checked against the model
 (fingerprint, rate) before any decoding; a bad file is reported in one line and the
@@ -26,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, help=".perco files or folders")
     parser.add_argument("-o", "--output-dir", type=Path, help="default: beside each file")
     add_model_arguments(parser)
-    parser.add_argument("--steps", type=int, help="sampler steps (default: the rate's)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="sampler steps (default: the model's, i.e. 'steps' in its perco.json, else "
+        "the rung's: 20 below 0.05 bpp, 5 above)",
+    )
     parser.add_argument("--guidance", choices=GUIDANCE_MODES, help="CFG mode (default: model's)")
     parser.add_argument("--guidance-scale", type=float, help="CFG scale (default: model's)")
     parser.add_argument(
@@ -78,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 "output": str(out),
                 "caption": image.caption,
                 "seed": image.seed,
+                "steps": 0 if args.coarse else args.steps or model.default_steps,
                 **breakdown.to_dict(),
             }
         )
@@ -89,5 +98,6 @@ def print_table(files: list[dict]) -> None:
     for f in files:
         print(
             f"{Path(f['file']).name} -> {f['output']}  {f['width']}x{f['height']}  "
-            f"bpp_file {f['bpp_file']:.5f}  bpp_payload {f['bpp_payload']:.5f}"
+            f"bpp_file {f['bpp_file']:.5f}  bpp_payload {f['bpp_payload']:.5f}  "
+            f"{f['steps']} steps"
         )

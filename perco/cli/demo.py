@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"payload        {idx_bits + cap_bits} bits = {(idx_bits + cap_bits) / pixels:.5f} bpp")
     print(f"encode         {t1 - t0:.2f} s")
     print(
-        f"decode         {t2 - t1:.2f} s ({args.steps or rate.steps} steps, CFG "
+        f"decode         {t2 - t1:.2f} s ({args.steps or model.default_steps} steps, CFG "
         f"{model.config.guidance} x{model.config.guidance_scale})"
     )
     print(f"reconstruction {out}  (tiny model, random weights)")

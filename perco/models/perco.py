@@ -101,6 +101,11 @@ class PerCoConfig:
             ``"none"`` — no local context, the U-Net's ``z_l`` channels are zero (the
             text-only model of Fig. 7; only the caption is coded). Ablation models have
             no ``.perco`` files: :func:`perco.evaluate.evaluate` measures them directly.
+        text: whether the model reads captions. ``False`` for a model trained without
+            text (the small TAEF2 model): a caption would only add bytes to its files and
+            nudge the decoder off what it learned, so :meth:`PerCo.encode` refuses one.
+        steps: decoding steps when a call asks for none; ``None``: the rung's default
+            (20 below 0.05 bpp, 5 above). The one rule every command follows.
     """
 
     rate: Rate
@@ -112,6 +117,8 @@ class PerCoConfig:
     lowpass_weight: float = 0.0
     lowpass_size: int = 4
     local: Literal["quantized", "continuous", "none"] = "quantized"
+    text: bool = True
+    steps: int | None = None
 
     def __post_init__(self):
         if isinstance(self.rate, dict):
@@ -304,6 +311,11 @@ class PerCo(nn.Module):
         return self.config.rate
 
     @property
+    def default_steps(self) -> int:
+        """Decoding steps when none are asked for: ``config.steps``, else the rung's."""
+        return self.config.steps or self.rate.steps
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -347,8 +359,11 @@ class PerCo(nn.Module):
         scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
         variant = {} if self.variant == "perco" else {"variant": self.variant}  # PerCo's as before
         settings = self.config.to_dict()
-        if settings["local"] == "quantized":  # PerCo's fingerprint as before the ablations
-            del settings["local"]
+        # settings added later enter the fingerprint only when set, so models from before
+        # them keep theirs (and their files still decode)
+        for key, default in (("local", "quantized"), ("text", True), ("steps", None)):
+            if settings[key] == default:
+                del settings[key]
         return {
             **settings,
             **variant,
@@ -650,6 +665,11 @@ class PerCo(nn.Module):
         captions = list(captions) if captions is not None else [None] * b
         if len(captions) != b:
             raise ValueError(f"{len(captions)} captions for {b} images")
+        if not self.config.text and any(c is not None for c in captions):
+            raise ValueError(
+                "this model has no text conditioning (trained without captions): a caption "
+                "would only add bytes to the file; leave it out"
+            )
         images = images.to(self.device)
         padded = self._pad(images)
         if latents is None:
@@ -723,7 +743,7 @@ class PerCo(nn.Module):
                 local.spatial,
                 self._append(text, local.tokens),
                 self._append(null, local.tokens),
-                steps=steps or self.rate.steps,
+                steps=steps or self.default_steps,
                 guidance=guidance or cfg.guidance,
                 guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
                 generator=generator,
