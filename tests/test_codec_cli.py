@@ -246,4 +246,5 @@ def test_one_rule_for_decoding_steps_shown_per_file(photos, tmp_path, capsys):
     assert "2 steps" in out
     with pytest.raises(SystemExit):
         main(["decompress", "--help"])
-    assert "perco.json, else the rung's: 20 below 0.05 bpp, 5 above" in capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "perco.json, else the rung's: 20 below 0.05 bpp, 5 above" in help_text
