@@ -635,23 +635,48 @@ def format_table(doc: dict) -> str:
 
 
 # -- command line --------------------------------------------------------------------------
+class BackboneUnavailable(RuntimeError):
+    """A metric's pretrained network could not be loaded (said in one line)."""
+
+
+def _backbone(what: str, load):
+    try:
+        return load()
+    except Exception as e:  # offline, missing file, unknown name: one line, not a traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BackboneUnavailable(
+            f"cannot load the {what} ({type(e).__name__}: {reason[:200]}); without network "
+            "access use metrics=offline (the assets' LPIPS and AlexNet weights)"
+        ) from e
+
+
 def load_backbones(cfg, device) -> Backbones:
     """Backbones from a ``metrics`` config (see configs/metrics/)."""
     from .metrics.fid_kid import load_extractor
 
-    lpips = LPIPSDistance(cfg.lpips.net, cfg.lpips.backbone)
+    lpips = _backbone(
+        f"LPIPS {cfg.lpips.net} backbone", lambda: LPIPSDistance(cfg.lpips.net, cfg.lpips.backbone)
+    )
     features = None
     if cfg.get("features"):
-        features = load_extractor(cfg.features.name, cfg.features.get("weights"))
+        features = _backbone(
+            f"FID feature network ({cfg.features.name})",
+            lambda: load_extractor(cfg.features.name, cfg.features.get("weights")),
+        )
     clip = segmenter = None
     if cfg.get("clip"):
         from .metrics.clip_score import ClipScorer
 
-        clip = ClipScorer.from_pretrained(cfg.clip.model, cfg.clip.pretrained)
+        clip = _backbone(
+            f"CLIP model {cfg.clip.model}/{cfg.clip.pretrained}",
+            lambda: ClipScorer.from_pretrained(cfg.clip.model, cfg.clip.pretrained),
+        )
     if cfg.get("segmenter"):
         from .metrics.miou import Segmenter
 
-        segmenter = Segmenter.from_pretrained(cfg.segmenter)
+        segmenter = _backbone(
+            f"segmenter {cfg.segmenter}", lambda: Segmenter.from_pretrained(cfg.segmenter)
+        )
     backbones = Backbones(lpips, features, clip, segmenter)
     for module in (lpips, features, clip, segmenter):
         if module is not None:
@@ -709,7 +734,7 @@ def main() -> None:
     def _main(cfg) -> None:
         try:
             run(cfg)
-        except (FileNotFoundError, ValueError, KeyError) as e:
+        except (FileNotFoundError, ValueError, KeyError, BackboneUnavailable) as e:
             print(f"perco-eval: error: {e}", file=sys.stderr)
             sys.exit(1)
 

@@ -376,3 +376,21 @@ def test_the_cli_takes_a_checkpoint_a_rate_sweep_and_accelerate_launch(photos, t
     perco_eval(*common, "rate=r0.0019", f"output_dir={tmp_path / 'two'}", launcher=launch)
     results = json.loads((tmp_path / "two" / "r0.0019" / "results.json").read_text())
     assert results["protocol"]["images"] == 3
+
+
+def test_perco_eval_help_names_the_options_and_presets():
+    done = subprocess.run([perco_eval_cli(), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for word in ("checkpoint=", "rate=", "protocol=paper", "metrics=offline", "per_image.csv"):
+        assert word in done.stdout, word
+
+
+def test_a_backbone_that_cannot_load_is_one_line_naming_the_offline_preset(photos, tmp_path):
+    cmd = [perco_eval_cli(), "dataset=folder", f"dataset.root={photos}", "metrics=offline",
+           f"metrics.lpips.backbone={tmp_path / 'missing.safetensors'}",
+           f"output_dir={tmp_path / 'out'}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("perco-eval: error: cannot load the LPIPS alex backbone")
+    assert "metrics=offline" in last
