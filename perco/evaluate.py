@@ -605,8 +605,13 @@ def _write_outputs(out, data, settings, proto, name, model) -> dict:
     from .plot import plot_results, reconstruction_grid
 
     plot_results([doc], out / "plot.png", reference=data.name)
+    columns = ["original"] + [
+        f"{name}\n{summary.get('bpp_file', math.nan):.4f} bpp"
+        for name, summary in zip(series, summaries, strict=True)
+    ]
+    columns += [f"{CEILING}\n(ceiling)"] if settings.ceiling else []
     grid = reconstruction_grid(data, out, series + ([CEILING] if settings.ceiling else []),
-                               ids[: settings.grid_images])  # fmt: skip
+                               ids[: settings.grid_images], columns=columns)  # fmt: skip
     if grid is not None:
         save_image(grid, out / "grid.png")
     print(format_table(doc))

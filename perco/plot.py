@@ -17,10 +17,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_write, load_image
+from .io import atomic_write, load_image, to_pil
 
 __all__ = ["REFERENCES", "plot_results", "reconstruction_grid", "main"]
 
@@ -123,10 +124,21 @@ def plot_results(
     plt.close(fig)
 
 
-def reconstruction_grid(data, out: Path, series: list[str], ids: list[str], height: int = 192):
-    """Rows of images: the original, then sample 0 of each series; ``None`` if none saved."""
+def reconstruction_grid(
+    data,
+    out: Path,
+    series: list[str],
+    ids: list[str],
+    height: int = 192,
+    columns: list[str] | None = None,
+) -> torch.Tensor | None:
+    """Rows of images: the original, then sample 0 of each series; ``None`` if none saved.
+
+    Each row is labelled with its image id and each column with ``columns`` (default:
+    ``original`` and the series names; a label may hold a second line, e.g. its bpp).
+    """
     index = {it.id: i for i, it in enumerate(data.items)}
-    rows = []
+    rows, labels, cell = [], [], None
     for image_id in ids:
         cells = [data[index[image_id]]["image"]]
         for name in series:
@@ -135,14 +147,33 @@ def reconstruction_grid(data, out: Path, series: list[str], ids: list[str], heig
                 cells.append(load_image(path)[0])
         h, w = cells[0].shape[-2:]
         size = (height, round(w * height / h))
+        cell = cell or size[1] + 4  # the columns' width: the first row's cells
         cells = [
             F.interpolate(c[None], size=size, mode="bilinear", antialias=True)[0] for c in cells
         ]
         rows.append(torch.cat([F.pad(c, (2, 2, 2, 2), value=1.0) for c in cells], dim=-1))
+        labels.append(image_id)
     if not rows:
         return None
     width = max(r.shape[-1] for r in rows)
-    return torch.cat([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows], dim=-2)
+    grid = torch.cat([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows], dim=-2)
+    return _label(grid, columns or ["original", *series], labels, cell, height + 4)
+
+
+def _label(grid, columns: list[str], rows: list[str], cell_w: int, cell_h: int) -> torch.Tensor:
+    """``grid`` with the column labels above it and the row labels to its left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=13)
+    top, left = 36, max(8 + max(len(r) for r in rows) * 8, 60)
+    canvas = Image.new("RGB", (grid.shape[-1] + left, grid.shape[-2] + top), "white")
+    canvas.paste(to_pil(grid), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(columns):
+        draw.multiline_text((left + i * cell_w + 4, 2), text, fill="black", font=font, spacing=2)
+    for i, text in enumerate(rows):
+        draw.text((4, top + i * cell_h + cell_h // 2 - 7), text, fill="black", font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1) / 255
 
 
 def _gather(paths: list[Path]) -> list[dict]:

@@ -195,8 +195,12 @@ def main(argv=None) -> None:
     (args.out / "grid" / "reconstructions" / "control").mkdir(parents=True, exist_ok=True)
     for f in (args.out / "control").glob("*.png"):
         (args.out / "grid" / "reconstructions" / "control" / f.name).write_bytes(f.read_bytes())
+    columns = ["original"]
+    columns += [f"{r}\n{table[f'PerCo tiny_taef2 {r}']['bpp_file']:.4f} bpp" for r in args.rates]
+    columns += [f"control: {top}\nwith shuffled z_l"]
     grid = reconstruction_grid(data, args.out / "grid", [*args.rates, "control"],
-                               [it.id for it in data.items[:4]], height=160)  # fmt: skip
+                               [it.id for it in data.items[:4]], height=160,
+                               columns=columns)  # fmt: skip
     save_image(grid, args.out / "grid.png")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\nevaluation wall-clock {eval_s / 60:.1f} min; peak memory {peak:.2f} GB")

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from perco.data.coco import prepare_coco
 from perco.data.eval_sets import coco30k_files, kodak, load_eval_set, prepared_coco
 from perco.evaluate import reconstruction_seed, run
-from perco.io import save_image
+from perco.io import load_image, save_image
 from perco.plot import main as plot_main
 
 CONFIGS = str(ROOT / "configs")
@@ -83,6 +83,9 @@ def test_eval_writes_csv_json_plot_and_grid_and_resumes(photos, tmp_path, assets
     assert doc["protocol"]["fid_features"].startswith("alexnet")
     assert doc["protocol"]["images"] == 3 and doc["autoencoder_ceiling"]["psnr"] > 0
     assert "indicative" in doc["fid_note"]
+    grid = load_image(folder / "grid.png")[0]  # labelled: column titles above, ids left
+    assert grid.shape[-2] == 36 + 2 * (192 + 4) and (grid[:, :30, 60:] < 0.3).any()
+    assert (grid[:, 60:100, :40] < 0.3).any() and (grid[:, :36, :40] > 0.99).all()
 
     # a rerun decodes nothing that is cached: drop one image's cache entry
     cache = folder / "cache"
@@ -101,7 +104,7 @@ def test_paper_protocol_captions_at_encode_time_and_codes_them_with_zlib(
     photos, tmp_path, blip2_dir
 ):
     from perco.captioning import Blip2Captioner
-    from perco.io import load_image, to_pil
+    from perco.io import to_pil
 
     doc = run(
         config(
