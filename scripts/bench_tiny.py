@@ -39,6 +39,7 @@ from perco.metrics import (
     psnr,
 )
 from perco.plot import reconstruction_grid
+from perco.timing import machine_load, repeat
 
 COLUMNS = ["bpp_file", "bpp_payload", "psnr", "ms_ssim", "lpips", "delta_e2000", "fid", "kid"]
 
@@ -107,19 +108,17 @@ def shuffled_control(model, data, steps: int, latent_cache: dict, seed: int = 0)
     return kept, [images[i] for i in kept], codec.decompress(model, shuffled, steps=steps)
 
 
-def timing(model, image: torch.Tensor, steps: int) -> dict:
-    out = {}
+def timing(model, image: torch.Tensor, steps: int, repeats: int) -> dict:
+    """Encode and decode one image: median (fastest–slowest) of ``repeats`` runs after a
+    warm-up; with and without CFG only for a model that has text to guide with."""
     with torch.no_grad():
-        model.encode(image)
-        start = time.perf_counter()
         encoded = model.encode(image)
-        out["encode s"] = time.perf_counter() - start
-        for guidance in ("none", "text"):
-            start = time.perf_counter()
-            model.decode(encoded, steps=steps, guidance=guidance)
-            out[f"decode s ({steps} steps, cfg {'on' if guidance == 'text' else 'off'})"] = (
-                time.perf_counter() - start
-            )
+        out = {"encode s": repeat(lambda: model.encode(image), repeats)}
+        modes = ("none", "text") if model.config.text else ("none",)
+        for guidance in modes:
+            key = f"decode s ({steps} steps{', cfg ' + guidance if len(modes) > 1 else ''})"
+            out[key] = repeat(lambda g=guidance: model.decode(encoded, steps=steps, guidance=g),
+                              repeats)  # fmt: skip
     return out
 
 
@@ -134,6 +133,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--limit", type=int, help="first N Kodak images only")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_tiny"))
     args = parser.parse_args(argv)
 
@@ -177,13 +177,18 @@ def main(argv=None) -> None:
     print(f"\nKodak ({len(data)} images, native size), {args.steps} steps, guidance none\n")
     print_table(table, COLUMNS)
 
-    speed = {rate: timing(m, originals[0][None], args.steps) for rate, m in models.items()}
-    print(f"\ntime per 768×512 image on {torch.get_num_threads()} CPU threads")
+    loaded = machine_load()
+    speed = {r: timing(m, originals[0][None], args.steps, args.repeats) for r, m in models.items()}
+    loaded = loaded or machine_load()
+    print(f"\ntime per 768×512 image on {torch.get_num_threads()} CPU threads: median "
+          f"(fastest–slowest) of {args.repeats} runs after a warm-up")  # fmt: skip
+    if loaded:
+        print(f"warning: {loaded}; these times are not the machine's own")
     cols = list(next(iter(speed.values())))
     print("| rate | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for rate, t in speed.items():
-        print(f"| {rate} | " + " | ".join(f"{t[c]:.2f}" for c in cols) + " |")
+        print(f"| {rate} | " + " | ".join(str(t[c]) for c in cols) + " |")
 
     # grid: original, each rung, the control (first images)
     for rate in args.rates:

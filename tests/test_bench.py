@@ -49,3 +49,30 @@ def test_bench_tiny_control_gives_every_image_another_image_of_its_size():
     assert kept == [i for i in range(len(sizes)) if i != 13]  # alone in its size: left out
     assert sorted(src for _, src in pairs) == kept  # a permutation of the kept images
     assert all(dst != src and sizes[dst] == sizes[src] for dst, src in pairs)
+
+
+def test_repeated_timing_warms_up_and_reports_median_and_spread(monkeypatch):
+    from perco import timing
+
+    calls = []
+    durations = iter([1.0, 3.0, 2.0])  # each timed call takes 1, 3, 2 s of a fake clock
+    clock = {"now": 0.0}
+
+    def fake_counter():
+        return clock["now"]
+
+    def work():
+        calls.append(1)
+        if len(calls) > 1:  # the first call is the untimed warm-up
+            clock["now"] += next(durations)
+
+    monkeypatch.setattr(timing.time, "perf_counter", fake_counter)
+    result = timing.repeat(work, repeats=3, warmup=1)
+    assert len(calls) == 4
+    assert (result.median, result.low, result.high) == (2.0, 1.0, 3.0)
+    assert str(result) == "2.00 (1.00–3.00)"
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    assert "loaded" in timing.machine_load()
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert timing.machine_load() is None
