@@ -1,0 +1,163 @@
+"""The README's shell blocks, run as a user would (slow).
+
+Each ```bash block of README.md is preceded by ``<!-- readme-test: KIND -->``:
+
+- ``cpu``: every command is run, in README order, in a scratch folder laid out like a
+  clone (``scripts/`` and ``../shared/assets`` beside it), shrunk to a few seconds of work:
+  ``perco-train`` gets ``trainer.max_steps=2`` (and, for the small TAEF2 model, two
+  training photos instead of 300), ``perco-eval`` ``eval.limit=2``, the bench scripts
+  ``--limit`` (see :func:`shrink`). A block can only use what an earlier block made, so
+  an example can never point at a folder the main job does not create.
+- ``gpu``: checked, not run: Hydra commands compose (one job of a sweep), other commands accept
+  their options (each ``--option`` appears in ``--help``).
+- ``install``: package installs, which ``.ci/run`` itself performs as the README says.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ASSETS, ROOT
+from hydra import compose, initialize_config_dir
+
+BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\n```bash\n(.*?)```", re.S)
+BIN = Path(sys.executable).parent
+SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
+HYDRA = {"perco-train": "perco.train.cli", "perco-eval": "perco.evaluate"}
+SLURM = importlib.util.find_spec("hydra_plugins") is not None and (
+    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+)
+
+
+def blocks(kind: str) -> list[list[list[str]]]:
+    """The commands of each README block of ``kind``: argument lists, ``&&`` chains split."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for found_kind, body in BLOCK.findall(text):
+        if found_kind != kind:
+            continue
+        commands = []
+        for line in body.replace("\\\n", " ").splitlines():
+            for part in line.split(" && "):
+                argv = shlex.split(part, comments=True)
+                if argv and not any(part.strip().startswith(s) for s in SETUP):
+                    commands.append(argv)
+        out.append(commands)
+    return out
+
+
+def test_every_shell_block_is_marked():
+    text = (ROOT / "README.md").read_text()
+    assert text.count("```bash") == len(BLOCK.findall(text)) > 0
+    assert {kind for kind, _ in BLOCK.findall(text)} == {"cpu", "gpu", "install"}
+
+
+def shrink(argv: list[str], photos: Path, tmp: Path) -> list[str]:
+    """The same command with a few seconds of work (what a user can do to try it)."""
+    name = argv[0]
+    if name == "perco-train":
+        argv = [*argv, "trainer.max_steps=2", "trainer.val_every=1", "trainer.log_every=1"]
+        if any("tiny_taef2" in a for a in argv):  # two photos, not BSDS500's 300
+            argv += [f"model.folders=[{photos}]", "trainer.batch_size=2",
+                     "trainer.codebook_fit_samples=64",
+                     f"model.latent_cache={tmp / 'taef2_latents.safetensors'}"]  # fmt: skip
+        return argv
+    if name == "perco-eval":
+        return [*argv, "eval.limit=2"]
+    if argv[:2] == ["python", "scripts/bench_tiny.py"]:
+        return [*argv, "--limit", "2", "--repeats", "1"]
+    if argv[:2] == ["python", "scripts/bench_variants.py"]:
+        return [*(a if a != "8" else "1" for a in argv)]
+    return argv
+
+
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which(argv[0], path=str(BIN)) or argv[0]
+    if argv[0] == "python":
+        exe = sys.executable
+    env = {**os.environ, "PERCO_ASSETS": str(ASSETS.resolve()), "OMP_NUM_THREADS": "2"}
+    return subprocess.run([exe, *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=1200)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_cpu_blocks_run_in_order(assets, tmp_path):
+    work = tmp_path / "clone"
+    work.mkdir()
+    (work / "scripts").symlink_to(ROOT / "scripts")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "assets").symlink_to(assets.resolve())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
+        (photos / p.name).symlink_to(p.resolve())
+    for block in blocks("cpu"):
+        for argv in block:
+            command = shrink(argv, photos, tmp_path)
+            done = run(command, work)
+            assert done.returncode == 0, f"{shlex.join(command)}\n{done.stderr[-3000:]}"
+    assert (work / "outputs" / "recon" / "kodim23.png").is_file()
+    assert (work / "outputs" / "bench_tiny" / "grid.png").is_file()
+    assert (work / "outputs" / "kodak.png").is_file()
+
+
+def _hydra_args(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(module, overrides) of a perco-train / perco-eval command, however launched."""
+    if argv[0] in HYDRA:
+        return HYDRA[argv[0]], argv[1:]
+    for module in HYDRA.values():
+        if module in argv:
+            return module, argv[argv.index(module) + 1 :]
+    return None
+
+
+def _one_job(overrides: list[str]) -> list[str]:
+    """A sweep's first job: ``-m`` dropped, ``rate=glob(*)`` and ``k=a,b`` take one value."""
+    out = []
+    for o in overrides:
+        if o in ("-m", "--multirun"):
+            continue
+        key, _, value = o.partition("=")
+        if value.startswith("glob("):
+            value = "r0.0019"
+        elif "," in value and not value.startswith(("[", "{", "'")):
+            value = value.split(",")[0]
+        out.append(f"{key}={value}" if _ else o)
+    return out
+
+
+@pytest.mark.slow
+def test_the_gpu_blocks_compose_and_parse():
+    checked = 0
+    for block in blocks("gpu"):
+        for argv in block:
+            hydra = _hydra_args(argv)
+            if hydra is not None:
+                module, overrides = hydra
+                if any("hydra/launcher=slurm" in o for o in overrides) and not SLURM:
+                    continue  # needs perco[slurm]; test_slurm_launcher_config_composes
+                name = {"perco.train.cli": "train", "perco.evaluate": "eval"}[module]
+                with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+                    compose(name, overrides=_one_job(overrides), return_hydra_config=True)
+            else:
+                exe = argv[0] if argv[0] != "python" else argv[1]
+                prefix = [sys.executable, str(ROOT / exe)] if exe.endswith(".py") else [
+                    shutil.which(exe, path=str(BIN)),
+                    *([argv[1]] if exe == "perco" else []),
+                ]  # fmt: skip
+                assert prefix[-1], f"{exe} is not installed"
+                done = subprocess.run([*prefix, "--help"], capture_output=True, text=True,
+                                      timeout=300)  # fmt: skip
+                assert done.returncode == 0, f"{exe} --help\n{done.stderr[-2000:]}"
+                for option in (a.split("=")[0] for a in argv if a.startswith("--")):
+                    assert option in done.stdout, f"{shlex.join(argv)}: {option} unknown"
+            checked += 1
+    assert checked >= 15
