@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,9 @@ def shrink(argv: list[str], photos: Path, tmp: Path) -> list[str]:
         argv = [*argv, "trainer.max_steps=2", "trainer.val_every=1", "trainer.log_every=1"]
         if any("tiny_taef2" in a for a in argv):  # two photos, not BSDS500's 300
             argv += [f"model.folders=[{photos}]", "trainer.batch_size=2",
-                     "trainer.codebook_fit_samples=64",
                      f"model.latent_cache={tmp / 'taef2_latents.safetensors'}"]  # fmt: skip
+        if any("tiny_taef2_image" in a for a in argv):  # k-means of 16 entries, not 1024
+            argv += ["trainer.codebook_fit_samples=64", "model.image_quantizer.codebook_size=16"]
         return argv
     if name == "perco-eval":
         return [*argv, "eval.limit=2"]
@@ -99,11 +101,16 @@ def test_the_cpu_blocks_run_in_order(assets, tmp_path):
     photos.mkdir()
     for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
         (photos / p.name).symlink_to(p.resolve())
+    seconds = {}
     for block in blocks("cpu"):
         for argv in block:
             command = shrink(argv, photos, tmp_path)
+            start = time.perf_counter()
             done = run(command, work)
             assert done.returncode == 0, f"{shlex.join(command)}\n{done.stderr[-3000:]}"
+            seconds[shlex.join(argv)] = time.perf_counter() - start
+    for command, s in seconds.items():  # shown with -rP
+        print(f"{s:6.1f} s  {command}")
     assert (work / "outputs" / "recon" / "kodim23.png").is_file()
     assert (work / "outputs" / "bench_tiny" / "grid.png").is_file()
     assert (work / "outputs" / "kodak.png").is_file()
