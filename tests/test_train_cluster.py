@@ -236,3 +236,8 @@ def test_sigterm_checkpoints_both_ranks_and_the_requeued_run_is_exact(photo_fold
     requeued = [*tiny_overrides(photo_folder, tmp_path / "b", *steps), "trainer.resume=latest"]
     run(torchrun("-m", "perco.train.cli", *requeued))
     assert_same_weights(run_dir(tmp_path / "a"), run_dir(tmp_path / "b"))
+
+
+def test_fewer_samples_than_one_batch_is_refused_not_an_endless_loop(photo_folder, tmp_path):
+    with pytest.raises(ValueError, match="fewer than one batch of 8 per process"):
+        train(folder_overrides(photo_folder, tmp_path, "trainer.batch_size=8"))

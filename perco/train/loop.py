@@ -260,6 +260,11 @@ def train(cfg: DictConfig) -> dict:
         model, optimizer, loader, lr_scheduler = accelerator.prepare(
             model, optimizer, loader, lr_scheduler
         )
+        if len(loader) == 0:  # an epoch without a batch would loop forever
+            raise ValueError(
+                f"the dataset has {len(dataset)} samples: fewer than one batch of "
+                f"{tc.batch_size} per process; lower trainer.batch_size"
+            )
     unwrapped: PerCo = accelerator.unwrap_model(model)
     grid = None
     if tc.get("timestep_grid"):
