@@ -86,7 +86,8 @@ def repeat(fn, repeats: int = 5, warmup: int = 1) -> Timing:
 
 def machine_load() -> str | None:
     """A warning when other work shares the CPU (1-minute load average at or above half
-    the cores): timings taken then are not the machine's own."""
+    the cores): timings taken then are not the machine's own. Call it before the caller's
+    own work, which the load average would count too."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load >= cores / 2:
         return f"the machine was loaded (1-min load average {load:.1f} on {cores} cores)"

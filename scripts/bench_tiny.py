@@ -137,6 +137,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_tiny"))
     args = parser.parse_args(argv)
 
+    loaded = machine_load()  # before this script loads the machine itself
     start = time.perf_counter()
     data = kodak(args.kodak, args.limit)
     backbones = Backbones(LPIPSDistance("alex", args.lpips), AlexNetFeatures(args.lpips))
@@ -177,9 +178,7 @@ def main(argv=None) -> None:
     print(f"\nKodak ({len(data)} images, native size), {args.steps} steps, guidance none\n")
     print_table(table, COLUMNS)
 
-    loaded = machine_load()
     speed = {r: timing(m, originals[0][None], args.steps, args.repeats) for r, m in models.items()}
-    loaded = loaded or machine_load()
     print(f"\ntime per 768×512 image on {torch.get_num_threads()} CPU threads: median "
           f"(fastest–slowest) of {args.repeats} runs after a warm-up")  # fmt: skip
     if loaded:
