@@ -167,9 +167,10 @@ def main(argv=None) -> None:
 
     top = args.rates[-1]
     kept, images, control = shuffled_control(models[top], data, args.steps, latent_cache)
-    table[f"control: {top} from shuffled z_l ({len(kept)} images)"] = score(
-        images, control, backbones
-    )
+    if kept:  # (an image alone in its size has no donor: --limit 1 gives no control)
+        table[f"control: {top} from shuffled z_l ({len(kept)} images)"] = score(
+            images, control, backbones
+        )
     for i, recon in zip(kept, control, strict=True):
         if i < 4:
             save_image(recon, args.out / "control" / f"{data.items[i].id}_0.png")
