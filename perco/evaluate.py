@@ -140,13 +140,12 @@ class _Evaluator:
         self.keep = keep  # ids whose reconstructions are saved as PNG
         self.file_captions = {}
         self.captioner = None
-        if not model.config.text:  # trained without captions: none is coded or given
-            pass
-        elif settings.captions == "captioner":
+        # a model trained without captions is given none (captions_for), so needs no source
+        if model.config.text and settings.captions == "captioner":
             from .captioning import load_captioner
 
             self.captioner = load_captioner(settings.captioner)
-        elif settings.captions not in ("ground-truth", "none"):
+        elif model.config.text and settings.captions not in ("ground-truth", "none", "captioner"):
             from .io import read_captions
 
             self.file_captions = read_captions(settings.captions)

@@ -164,8 +164,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         unit = self.batch_size * self.multiple
         return sum(self.counts) // (self.world * unit) * self.multiple
 
-    def plan(self, worker: int = 0, workers: int = 1) -> tuple[list[Segment], int]:
-        """The segments one worker of this rank reads this epoch, and its batch count."""
+    def plan(self, worker: int = 0, workers: int = 1) -> list[Segment]:
+        """The segments one worker of this rank reads this epoch."""
         order = list(range(len(self.urls)))
         if self.shuffle:
             random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
@@ -179,7 +179,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if lo < hi:
                 segments.append(Segment(self.urls[i], lo - offset, hi - offset))
             offset += self.counts[i]
-        return segments, mine
+        return segments
 
     def _raw(self, segments: list[Segment]) -> Iterator[dict | None]:
         import webdataset as wds
@@ -215,7 +215,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # DataLoader asks its workers in turn); a loader restarted after n batches asks
         # its worker 0 first, so that worker takes share n % workers
         share = (worker + self.skip_batches) % workers
-        segments, _ = self.plan(share, workers)
+        segments = self.plan(share, workers)
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{share}")
         skip = max(0, -(-(self.skip_batches - share) // workers)) * self.batch_size
         for i, sample in enumerate(self._shuffled(self._raw(segments), rng)):
