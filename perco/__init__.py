@@ -9,11 +9,18 @@ ultra-low bitrates", ICLR 2024). The public API:
     >>> reconstructions = model.decode(encoded, seed=0)
 """
 
+from pathlib import Path
+
 from .models.perco import PerCo, PerCoConfig
 from .rates import RATES, Rate, get_rate, index_bits
 from .types import EncodedImages, PerCoLoss, QuantizerOutput
 
 __version__ = "0.1.0"
+
+#: The Hydra configs of ``perco-train`` and ``perco-eval``, shipped inside the package
+#: (``configs/`` in the repository links here). Add your own folder on top with
+#: ``hydra.searchpath=[file://my_configs]``.
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 __all__ = [
     "PerCo",
@@ -25,5 +32,6 @@ __all__ = [
     "EncodedImages",
     "PerCoLoss",
     "QuantizerOutput",
+    "CONFIG_DIR",
     "__version__",
 ]

@@ -732,9 +732,9 @@ def main() -> None:
 
     import hydra
 
-    config_dir = str(Path(__file__).resolve().parents[1] / "configs")
+    from . import CONFIG_DIR
 
-    @hydra.main(version_base="1.3", config_path=config_dir, config_name="eval")
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
     def _main(cfg) -> None:
         try:
             run(cfg)

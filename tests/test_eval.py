@@ -10,16 +10,16 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
+from perco import CONFIG_DIR
 from perco.data.coco import prepare_coco
 from perco.data.eval_sets import coco30k_files, kodak, load_eval_set, prepared_coco
 from perco.evaluate import reconstruction_seed, run
 from perco.io import load_image, save_image
 from perco.plot import main as plot_main
 
-CONFIGS = str(ROOT / "configs")
+CONFIGS = str(CONFIG_DIR)
 
 
 @pytest.fixture

@@ -29,6 +29,8 @@ import pytest
 from conftest import ASSETS, ROOT
 from hydra import compose, initialize_config_dir
 
+from perco import CONFIG_DIR
+
 BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\n```bash\n(.*?)```", re.S)
 BIN = Path(sys.executable).parent
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
@@ -152,7 +154,7 @@ def test_the_gpu_blocks_compose_and_parse():
                 if any("hydra/launcher=slurm" in o for o in overrides) and not SLURM:
                     continue  # needs perco[slurm]; test_slurm_launcher_config_composes
                 name = {"perco.train.cli": "train", "perco.evaluate": "eval"}[module]
-                with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+                with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
                     compose(name, overrides=_one_job(overrides), return_hydra_config=True)
             else:
                 exe = argv[0] if argv[0] != "python" else argv[1]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from perco import CONFIG_DIR
 from perco.data.latent_crops import taef2_latent_crops
 from perco.io import load_image
 from perco.metrics import psnr
@@ -89,7 +89,7 @@ def test_tiny_taef2_experiment_composes_and_trains_on_latent_windows(assets, tmp
         f"model.latent_cache={tmp_path / 'cache.safetensors'}",
         "model.block_out_channels=[16,32]",
     ]
-    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    configs = str(CONFIG_DIR)
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     model = instantiate(cfg.model, _convert_="all")
@@ -133,7 +133,7 @@ def test_the_ablations_train_and_evaluate_on_the_small_real_model(assets, tmp_pa
     photos.mkdir()
     for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
         (photos / p.name).symlink_to(p.resolve())
-    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    configs = str(CONFIG_DIR)
     overrides = [
         f"experiment={experiment}", "rate=r0.0098", f"paths.assets_dir={assets.resolve()}",
         f"paths.output_dir={tmp_path / 'runs'}", f"model.folders=[{photos}]",

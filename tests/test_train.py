@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from perco import PerCo
+from perco import CONFIG_DIR, PerCo
 from perco.data import (
     ImageFolder,
     collate,
@@ -24,7 +24,7 @@ from perco.tiny import save_tiny_stable_diffusion, tiny_perco
 from perco.train import train, trainable_report
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = CONFIG_DIR
 
 
 def compose_train(*overrides):

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from .. import CONFIG_DIR
 from .checkpoints import CheckpointError
 from .loop import train
 from .preemption import PREEMPTED_EXIT, Preempted
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _main(cfg: DictConfig) -> None:
     if "SUBMITIT_EXECUTOR" in os.environ and "RANK" not in os.environ:
         # a task of the SLURM launcher (hydra/launcher=slurm): one task per GPU becomes
