@@ -21,14 +21,14 @@ def build(kind: str, rate: str, device: torch.device, pretrained: str | None = N
     if pretrained:
         return PerCo.from_stable_diffusion(pretrained, rate).to(device)
     if kind == "tiny":
-        from perco.tiny import tiny_perco
+        from perco.testing import tiny_perco
 
         return tiny_perco(rate).to(device)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from perco.models import SDAutoencoder
-    from perco.tiny import SD21_SCHEDULER, clip_tokenizer
+    from perco.testing import SD21_SCHEDULER, clip_tokenizer
 
     def config(name: str) -> dict:
         return json.loads((FIXTURES / f"sd21_{name}_config.json").read_text())

@@ -23,7 +23,7 @@ from perco.bitstream import HEADER_BYTES
 from perco.captioning import text_codec
 from perco.captioning.corpus import fit_split, load_coco_captions
 from perco.rates import RATES, index_bits
-from perco.tiny import clip_tokenizer
+from perco.testing import clip_tokenizer
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def trainable_shares(rate: str = "r0.0019") -> None:
 
     from perco import PerCo, PerCoConfig
     from perco.models import NullTextEmbedding, SDAutoencoder
-    from perco.tiny import SD21_SCHEDULER, clip_tokenizer
+    from perco.testing import SD21_SCHEDULER, clip_tokenizer
     from perco.train import trainable_report
 
     def config(name):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from perco.captioning.corpus import fit_byte_model, fit_split, fit_token_model, load_coco_captions
-from perco.tiny import clip_tokenizer
+from perco.testing import clip_tokenizer
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def load_autoencoder(spec: str):
     from perco.models import SDAutoencoder
 
     if spec == "tiny":
-        from perco.tiny import tiny_components
+        from perco.testing import tiny_components
 
         return tiny_components()["vae"]
     if (Path(spec) / "perco.json").is_file():

@@ -15,7 +15,7 @@ from pathlib import Path
 from perco import codec
 from perco.io import load_image
 from perco.rates import RATES, index_bits
-from perco.tiny import tiny_perco
+from perco.testing import tiny_perco
 
 CAPTION = "two parrots standing next to each other."  # 40 characters
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from perco.tiny import tiny_perco
+from perco.testing import tiny_perco
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("PERCO_ASSETS", ROOT.parent / "shared" / "assets"))
@@ -58,7 +58,7 @@ def photo_folder(tmp_path):
 @pytest.fixture(scope="session")
 def blip2_dir(tmp_path_factory):
     """A tiny random BLIP-2 saved like a hub checkpoint (loaded through the real loader)."""
-    from perco.tiny import tiny_blip2
+    from perco.testing import tiny_blip2
 
     folder = tmp_path_factory.mktemp("blip2")
     model, processor = tiny_blip2()

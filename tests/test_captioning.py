@@ -23,7 +23,7 @@ from perco.captioning.prepass import main as caption_main
 from perco.io import read_captions
 from perco.models.text import token_row
 from perco.rates import RATES
-from perco.tiny import clip_tokenizer, tiny_blip2
+from perco.testing import clip_tokenizer, tiny_blip2
 
 CAPTION = "A woman holding an umbrella walks past a yellow taxi."
 

@@ -8,7 +8,7 @@ from PIL import Image
 from perco import codec
 from perco.cli import main
 from perco.io import load_image, read_image, save_image
-from perco.tiny import tiny_perco
+from perco.testing import tiny_perco
 
 
 @pytest.fixture

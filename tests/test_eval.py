@@ -308,7 +308,7 @@ def test_coco_evaluation_with_clip_and_segmenter_stand_ins(assets, tmp_path):
     from perco.evaluate import Backbones, EvalSettings, evaluate
     from perco.metrics import LPIPSDistance
     from perco.metrics.fid_kid import AlexNetFeatures
-    from perco.tiny import tiny_perco
+    from perco.testing import tiny_perco
 
     mini = assets / "coco-mini"
     instances = json.loads((mini / "annotations" / "instances_val2017_mini.json").read_text())
@@ -344,7 +344,7 @@ def perco_eval_cli():
 def test_the_cli_takes_a_checkpoint_a_rate_sweep_and_accelerate_launch(photos, tmp_path, assets):
     """The README's spellings: `perco-eval checkpoint=<sweep folder> rate=<rung>`, a
     `-m ... 'rate=glob(...)'` sweep, and `accelerate launch ... -m perco.evaluate`."""
-    from perco.tiny import tiny_perco
+    from perco.testing import tiny_perco
 
     sweep = tmp_path / "runs" / "tiny"
     for rate in ("r0.0019", "r0.0059"):

@@ -6,7 +6,7 @@ from torch import nn
 
 from perco import PerCo, index_bits
 from perco.io import load_image
-from perco.tiny import save_tiny_stable_diffusion, tiny_perco
+from perco.testing import save_tiny_stable_diffusion, tiny_perco
 
 
 def _photo_like(size=64, seed=0):
@@ -186,7 +186,7 @@ def test_predicted_x0_inverts_the_forward_process(prediction_type):
     from diffusers import DDIMScheduler
 
     from perco.models.perco import predicted_x0
-    from perco.tiny import SD21_SCHEDULER
+    from perco.testing import SD21_SCHEDULER
 
     sched = DDIMScheduler(**{**SD21_SCHEDULER, "prediction_type": prediction_type})
     x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)

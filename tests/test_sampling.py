@@ -4,7 +4,7 @@ from diffusers import EulerDiscreteScheduler
 
 from perco.models.unet_adapter import widen_conv_in
 from perco.sampling import sample
-from perco.tiny import SD21_SCHEDULER, tiny_components
+from perco.testing import SD21_SCHEDULER, tiny_components
 
 
 @pytest.fixture(scope="module")

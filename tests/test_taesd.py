@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from perco import CONFIG_DIR
-from perco.data.latent_crops import taef2_latent_crops
 from perco.io import load_image
 from perco.metrics import psnr
 from perco.models.perco import PerCo
+from perco.models.taef2 import load_taef2, taef2_latent_crops, taef2_perco
 from perco.models.taesd import TinyAutoencoder
-from perco.tiny import load_taef2, taef2_perco
 
 
 def test_taef2_reconstructs_kodak_and_matches_the_published_state_dicts(assets):

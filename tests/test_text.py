@@ -3,7 +3,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from perco.models.text import NullTextEmbedding, check_tokenizer, drop_captions, encode_captions
-from perco.tiny import clip_tokenizer, tiny_components
+from perco.testing import clip_tokenizer, tiny_components
 
 
 def test_clip_tokenizer_is_the_real_vocabulary():

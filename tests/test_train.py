@@ -20,7 +20,7 @@ from perco.data import (
 )
 from perco.io import save_image
 from perco.rates import get_rate
-from perco.tiny import save_tiny_stable_diffusion, tiny_perco
+from perco.testing import save_tiny_stable_diffusion, tiny_perco
 from perco.train import train, trainable_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
     )
     from compressai.models import MeanScaleHyperprior
 
-    from perco.tiny import save_tiny_open_clip
+    from perco.testing import save_tiny_open_clip
 
     clip = f"open_clip:local-dir:{save_tiny_open_clip(tmp_path / 'clip')}"
     torch.save(MeanScaleHyperprior(N=8, M=12).state_dict(), tmp_path / "g_a.pth")
@@ -118,7 +118,8 @@ def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
         cfg = compose_train(f"experiment={name}")
         assert cfg.trainer.run_name == name and cfg.trainer.max_steps > 0
     tiny = compose_train("experiment=tiny")
-    assert tiny.model._target_ == "perco.tiny.tiny_perco" and tiny.trainer.mixed_precision == "no"
+    assert tiny.model._target_ == "perco.testing.tiny_perco"
+    assert tiny.trainer.mixed_precision == "no"
     assert compose_train("experiment=perco_sd").model.quantizer.commitment_weight == 0.0
 
 

@@ -6,7 +6,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from perco.models.unet_adapter import linear_parameter_share, widen_conv_in
-from perco.tiny import tiny_components
+from perco.testing import tiny_components
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

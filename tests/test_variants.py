@@ -23,7 +23,7 @@ from perco.models.perco import PerCo
 from perco.models.product_quantizer import ProductQuantizer
 from perco.models.sprdiff import SPRDiffStyle, load_distortion_encoder
 from perco.models.vision import VisionEncoder, load_vision_encoder
-from perco.tiny import save_tiny_open_clip, tiny_perco
+from perco.testing import save_tiny_open_clip, tiny_perco
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def load_model(spec: str, rate: str | None) -> PerCo:
     """``tiny``, a checkpoint folder, a hub id, or a folder holding the checkpoint in
     ``model/``, ``<rate>/`` or ``<rate>/model/`` (the layout ``perco-train`` writes)."""
     if spec == TINY:
-        from ..tiny import tiny_perco
+        from ..testing import tiny_perco
 
         return tiny_perco(rate or "r0.0019").eval()
     path = Path(spec)

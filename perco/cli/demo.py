@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tiny import tiny_perco
+    from ..testing import tiny_perco
 
     if not args.image.is_file():
         raise FileNotFoundError(f"no image at {args.image} (set --image or PERCO_ASSETS)")

@@ -30,7 +30,6 @@ __all__ = [
     "cached_latents",
     "latent_statistics",
     "LatentCrops",
-    "taef2_latent_crops",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,24 +134,3 @@ class LatentCrops(Dataset):
             pixels = self._pixels[i][:, top * f : top * f + size, left * f : left * f + size]
             sample["image"] = pixels.float() / 255
         return sample
-
-
-def taef2_latent_crops(
-    taef2_dir: str | os.PathLike,
-    folders: Sequence[str | os.PathLike],
-    cache: str | os.PathLike,
-    crop_size: int = 256,
-    seed: int = 0,
-    repeats: int = 1,
-    images: bool = False,
-) -> LatentCrops:
-    """TAEF2 latent crops of ``crop_size``-px windows, normalised as
-    :func:`perco.tiny.taef2_perco` normalises its latents (same cache, same statistics);
-    ``images``: with the pixels of each window."""
-    from ..tiny import load_taef2
-
-    ae = load_taef2(taef2_dir)
-    latents = cached_latents(ae.raw_encode, folders, cache)
-    files = image_files(folders) if images else None
-    crop = crop_size // ae.factor
-    return LatentCrops(latents, crop, *latent_statistics(latents), seed, repeats, files, ae.factor)

@@ -14,7 +14,8 @@ layout is written here from its description and matched to the published state d
 
 Images are ``[0, 1]`` inside the TAESD modules; :class:`TinyAutoencoder` speaks the
 project's ``[-1, 1]`` contract and normalises latents with per-channel statistics
-measured on training images (:func:`measure_latent_stats`), stored in its config.
+measured on training images (:func:`perco.data.latent_crops.latent_statistics`), stored
+in its config.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 
 from .autoencoders import AUTOENCODERS, Autoencoder
 
-__all__ = ["TinyAutoencoder", "taesd_encoder", "taesd_decoder", "measure_latent_stats"]
+__all__ = ["TinyAutoencoder", "taesd_encoder", "taesd_decoder"]
 
 CONFIG_NAME = "taesd.json"
 WEIGHTS_NAME = "taesd.safetensors"
@@ -186,19 +187,3 @@ class TinyAutoencoder(Autoencoder):
 
 
 AUTOENCODERS[TinyAutoencoder.name] = TinyAutoencoder
-
-
-@torch.no_grad()
-def measure_latent_stats(
-    autoencoder: TinyAutoencoder, images: Iterable[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the raw latents of ``images`` (each ``(B, 3, H, W)``
-    in ``[0, 1]``), accumulated in float64."""
-    n, total, squares = 0, 0.0, 0.0
-    for batch in images:
-        z = autoencoder.raw_encode(batch).double()
-        n += z.shape[0] * z.shape[2] * z.shape[3]
-        total = total + z.sum(dim=(0, 2, 3))
-        squares = squares + z.pow(2).sum(dim=(0, 2, 3))
-    mean = total / n
-    return mean.float(), (squares / n - mean**2).clamp_min(1e-12).sqrt().float()

@@ -1,12 +1,16 @@
-"""Tiny Stable-Diffusion-shaped components built from configs, with no download.
+"""Test-size components and stand-ins for pretrained networks, for tests and offline trials.
 
-Used by the tests, the embedded default (``perco demo``) and CPU smoke benchmarks. They
-follow diffusers' ``get_dummy_components`` habit: small widths, seeded construction.
-Shapes mirror SD 2.1 where it matters to PerCo: an 8× VAE with 4 latent channels, a
-cross-attention U-Net, a CLIP text encoder with the real CLIP BPE vocabulary (read from
-the file open_clip ships, so tokenization is the real one), SD 2.1's scheduler settings
-with v-prediction. Attention runs only at the U-Net's lowest resolution, keeping CPU
-runs fast.
+Nothing here is a trained model. Following diffusers' ``get_dummy_components`` habit
+(small widths, seeded construction), it builds:
+
+- Stable-Diffusion-shaped components (:func:`tiny_components`, :func:`tiny_perco`,
+  :func:`save_tiny_stable_diffusion`): an 8× VAE with 4 latent channels, a
+  cross-attention U-Net, a CLIP text encoder with the real CLIP BPE vocabulary (read from
+  the file open_clip ships, so tokenization is the real one), SD 2.1's scheduler settings
+  with v-prediction. Attention runs only at the U-Net's lowest resolution, keeping CPU
+  runs fast. ``perco demo`` and ``--model tiny`` use them to try the codec offline.
+- Random BLIP-2 and open_clip models (:func:`tiny_blip2`, :func:`save_tiny_open_clip`)
+  saved like hub checkpoints, so the real loaders read them.
 """
 
 from __future__ import annotations
@@ -23,14 +27,13 @@ from .models.perco import PerCo, variant_class
 from .rates import Rate
 
 __all__ = [
+    "SD21_SCHEDULER",
     "clip_tokenizer",
     "tiny_components",
     "tiny_perco",
     "save_tiny_stable_diffusion",
-    "taef2_perco",
-    "load_taef2",
     "tiny_blip2",
-    "taef2_latent_metric",
+    "save_tiny_open_clip",
 ]
 
 TEXT_DIM = 32
@@ -147,115 +150,6 @@ def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> Path:
     for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
         c[name].save_pretrained(path / name)
     return path
-
-
-# -- a small real model: PerCo in the pretrained TAEF2 latent space ---------------------
-def load_taef2(
-    taef2_dir: str | os.PathLike,
-    folders: list[str | os.PathLike] | None = None,
-    latent_cache: str | os.PathLike | None = None,
-):
-    """The pretrained TAEF2 autoencoder from its ``.pth`` state dicts.
-
-    With ``folders`` and ``latent_cache``, the per-channel latent statistics are measured
-    on the whole-image latents of those training images (computed once and cached, see
-    :mod:`perco.data.latent_crops`) and stored in the autoencoder's config.
-    """
-    from .data.latent_crops import cached_latents, latent_statistics
-    from .models.taesd import TinyAutoencoder
-
-    taef2_dir = Path(taef2_dir)
-    ae = TinyAutoencoder.from_state_dicts(
-        taef2_dir / "taef2_encoder.pth", taef2_dir / "taef2_decoder.pth", latent_channels=32
-    ).eval()
-    if folders:
-        if latent_cache is None:
-            raise ValueError("measuring latent statistics needs a latent_cache path")
-        ae.set_latent_stats(
-            *latent_statistics(cached_latents(ae.raw_encode, folders, latent_cache))
-        )
-    return ae.requires_grad_(False)
-
-
-def taef2_latent_metric(
-    ae, folders: list[str | os.PathLike], latent_cache: str | os.PathLike, images: int = 4
-) -> list[list[float]]:
-    """The decoder's channel metric (:func:`~perco.models.autoencoders.latent_metric`)
-    on central 128-px windows of the first training images, cached beside the latent
-    cache (``<cache>.metric.json``)."""
-    import json
-
-    from .data.latent_crops import cached_latents
-    from .io import atomic_write
-    from .models.autoencoders import latent_metric
-
-    path = Path(f"{latent_cache}.metric.json")
-    if path.is_file():
-        return json.loads(path.read_text())
-    latents = cached_latents(ae.raw_encode, folders, latent_cache)
-    windows = []
-    for name in sorted(latents)[:images]:
-        z = latents[name][None]
-        top, left = ((s - 16) // 2 for s in z.shape[-2:])
-        raw = z[..., top : top + 16, left : left + 16]
-        windows.append((raw - ae.latent_mean) / ae.latent_std)
-    metric = latent_metric(ae, windows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(metric)))
-    return metric
-
-
-def taef2_perco(
-    rate: str | Rate,
-    taef2_dir: str | os.PathLike,
-    folders: list[str | os.PathLike] | None = None,
-    latent_cache: str | os.PathLike | None = None,
-    seed: int = 0,
-    block_out_channels: tuple[int, ...] = (32, 64, 64),
-    pixel_metric: bool = True,
-    variant: str = "perco",
-    **kwargs,
-) -> PerCo:
-    """A small PerCo on the pretrained TAEF2 autoencoder (32-channel latents, 8×).
-
-    ``pixel_metric``: measure the diffusion loss in the decoder's pixel metric on the
-    latent channels (``PerCoConfig.latent_metric``), estimated on the training images'
-    latents: two of TAEF2's 32 channels carry most of the luminance and colour is spread
-    over several, so a plain latent MSE spends the hyper-latent's bits on channels that
-    barely show.
-
-    The U-Net is new (random init; attention only at its lowest resolution, 1/32 of the
-    image); the text encoder is the tiny random CLIP of :func:`tiny_components`, used
-    only for its null-text slot: with no captions (``guidance="none"``) the U-Net is
-    conditioned on the hyper-latent alone. ``variant`` picks the model class
-    (``perco_image``, ``sprdiff_style``); ``kwargs`` go to its ``from_components``.
-    """
-    c = tiny_components(seed)
-    torch.manual_seed(seed)
-    depth = len(block_out_channels)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=32,
-        out_channels=32,
-        down_block_types=("DownBlock2D",) * (depth - 1) + ("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (depth - 1),
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=32,
-        norm_num_groups=16,
-    )
-    scheduler = DDIMScheduler(**{**SD21_SCHEDULER, "timestep_spacing": "trailing"})
-    kwargs.setdefault("hyper_encoder", {"channels": 64, "out_channels": 128})
-    kwargs.setdefault("quantizer", {"codebook_dim": 16})
-    kwargs.setdefault("guidance", "none")
-    kwargs.setdefault("text_drop_prob", 0.0)
-    kwargs.setdefault("text", False)  # no captions: it refuses them rather than store them
-    ae = load_taef2(taef2_dir, folders, latent_cache)
-    if pixel_metric and folders:
-        kwargs.setdefault("latent_metric", taef2_latent_metric(ae, folders, latent_cache))
-    return variant_class(variant).from_components(
-        ae, unet, c["text_encoder"], c["tokenizer"], scheduler, rate, **kwargs
-    )
 
 
 def tiny_blip2(seed: int = 0, image_size: int = 32):
