@@ -3,7 +3,8 @@
 Implements PerCo (Careil et al., "Towards image compression with perfect realism at
 ultra-low bitrates", ICLR 2024). The public API:
 
-    >>> from perco import PerCo, RATES
+    >>> from perco import PerCo, RATES, load_model
+    >>> model = load_model("runs/tiny_taef2", rate="r0.0019")  # a folder, run, hub id or "tiny"
     >>> model = PerCo.from_stable_diffusion("stabilityai/stable-diffusion-2-1", rate="r0.0019")
     >>> encoded = model.encode(images, captions)        # images (B, 3, H, W) in [0, 1]
     >>> reconstructions = model.decode(encoded, seed=0)
@@ -11,7 +12,9 @@ ultra-low bitrates", ICLR 2024). The public API:
 
 from pathlib import Path
 
-from .models.perco import PerCo, PerCoConfig
+from .models.config import PerCoConfig
+from .models.loading import load_model
+from .models.perco import PerCo
 from .rates import RATES, Rate, get_rate, index_bits
 from .types import EncodedImages, PerCoLoss, QuantizerOutput
 
@@ -25,6 +28,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 __all__ = [
     "PerCo",
     "PerCoConfig",
+    "load_model",
     "RATES",
     "Rate",
     "get_rate",

@@ -276,14 +276,14 @@ def write(
     latent_factor: int = 8,
     crc: bool = False,
     caption_codecs: dict[int, CaptionCodec] | None = None,
-    global_codebook: int | None = None,
+    global_codebook_size: int | None = None,
 ) -> tuple[bytes, Breakdown]:
     """Serialise ``image``; returns the file bytes and their breakdown.
 
     The caption is written with the shortest of ``caption_codecs`` (see
     :func:`perco.captioning.text_codec.caption_codecs`; default: zlib, raw DEFLATE and
     the exact-text coder, which need no tokenizer). An image with ``global_codes``
-    (PerCo-Image) has no caption; ``global_codebook`` is ``V`` of those codes.
+    (PerCo-Image) has no caption; ``global_codebook_size`` is ``V`` of those codes.
     """
     height, width = image.size
     h, w = hyper_latent_size(image.rate, height, width, latent_factor)
@@ -300,9 +300,9 @@ def write(
     if image.global_codes is not None:
         if image.caption is not None:
             raise ValueError("an image with global embedding codes carries no caption")
-        if global_codebook is None:
+        if global_codebook_size is None:
             raise ValueError("writing global embedding codes needs their codebook size")
-        codec, caption = GLOBAL_PQ, pack_indices(image.global_codes, global_codebook)
+        codec, caption = GLOBAL_PQ, pack_indices(image.global_codes, global_codebook_size)
     else:
         codec, caption = encode_caption(image.caption, caption_codecs)
     large = max(height, width) > 1 << _SMALL_BITS
@@ -380,12 +380,12 @@ def read(
     rate: Rate,
     latent_factor: int = 8,
     caption_codecs: dict[int, CaptionCodec] | None = None,
-    global_codes: tuple[int, int] | None = None,
+    global_pq: tuple[int, int] | None = None,
 ) -> tuple[CompressedImage, Breakdown]:
     """Parse a file for the model with this ``fingerprint``, ``rate`` and latent factor.
 
     ``caption_codecs``: the decoding model's (the ``tokens`` codec needs its tokenizer).
-    ``global_codes``: ``(M, V)`` of the model's product quantizer (PerCo-Image).
+    ``global_pq``: ``(M, V)`` of the model's product quantizer (PerCo-Image).
     Raises :class:`BitstreamError` for anything that is not a valid file for this model.
     """
     header = read_header(data)
@@ -396,7 +396,7 @@ def read(
         rate=rate,
         latent_factor=latent_factor,
         caption_codecs=caption_codecs,
-        global_codes=global_codes,
+        global_pq=global_pq,
     )
 
 
@@ -421,10 +421,10 @@ def read_payload(
     rate: Rate,
     latent_factor: int = 8,
     caption_codecs: dict[int, CaptionCodec] | None = None,
-    global_codes: tuple[int, int] | None = None,
+    global_pq: tuple[int, int] | None = None,
 ) -> tuple[CompressedImage, Breakdown]:
     """Check the CRC (if any) and parse the indices and caption (or, for PerCo-Image, the
-    ``global_codes = (M, V)`` embedding codes) that follow the header."""
+    ``global_pq = (M, V)`` product-quantizer codes) that follow the header."""
     if header.crc is not None:
         covered = data[: header.length - 2] + data[header.length :]
         if binascii.crc_hqx(covered, 0) != header.crc:
@@ -438,10 +438,10 @@ def read_payload(
     indices = unpack_indices(data[header.length : end], h * w, rate.codebook_size)
     caption, codes = None, None
     if header.caption_codec == GLOBAL_PQ:
-        if global_codes is None:
+        if global_pq is None:
             raise BitstreamError("the file carries an image embedding; this model takes captions")
-        codes = unpack_indices(data[end:], *global_codes)
-    elif global_codes is not None:
+        codes = unpack_indices(data[end:], *global_pq)
+    elif global_pq is not None:
         raise BitstreamError("the file carries a caption; this model takes an image embedding")
     else:
         try:

@@ -17,7 +17,7 @@ import torch
 from . import bitstream
 from .bitstream import Breakdown, CompressedImage
 from .captioning import text_codec
-from .models.perco import PerCo
+from .models.perco import Capability, PerCo
 from .timing import StageTimer
 from .types import EncodedImages
 
@@ -26,7 +26,7 @@ __all__ = ["compress", "decompress", "parse", "min_image_size", "check_image_siz
 
 def min_image_size(model: PerCo) -> int:
     """Smallest side a rate accepts: one hyper-latent cell (e.g. 64 px at ×8 on SD)."""
-    return model.autoencoder.factor * model.rate.downsample
+    return model.cell
 
 
 def check_image_size(model: PerCo, height: int, width: int) -> None:
@@ -64,7 +64,7 @@ def compress(
         )
     encoded = model.encode(images, captions, latents=latents, timer=timer)
     codecs = text_codec.caption_codecs(model.tokenizer, caption_codecs)
-    pq = model.global_codebook
+    pq = model.global_pq
     out = []
     for i, (indices, caption, size) in enumerate(
         zip(encoded.indices, encoded.captions, encoded.sizes, strict=True)
@@ -80,7 +80,7 @@ def compress(
                 latent_factor=model.autoencoder.factor,
                 crc=crc,
                 caption_codecs=codecs,
-                global_codebook=None if pq is None else pq[1],
+                global_codebook_size=None if pq is None else pq[1],
             )
         )
     return out
@@ -94,7 +94,7 @@ def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
         rate=model.rate,
         latent_factor=model.autoencoder.factor,
         caption_codecs=text_codec.caption_codecs(model.tokenizer),
-        global_codes=model.global_codebook,
+        global_pq=model.global_pq,
     )
 
 
@@ -142,10 +142,12 @@ def decompress(
                 captions=[it.image.caption for it in batch],
                 sizes=[it.image.size for it in batch],
                 padded_size=padded,
-                rate=model.rate.name,
+                rate=model.rate,
                 global_codes=None if codes[0] is None else torch.as_tensor(np.stack(codes)),
             )
             generators = [torch.Generator().manual_seed(it.image.seed) for it in batch]
+            if coarse and not model.capabilities & Capability.COARSE:
+                raise ValueError(f"a {model.variant} model has no coarse reconstruction")
             decoded = (
                 model.coarse(encoded)
                 if coarse

@@ -126,23 +126,23 @@ def plot_results(
 
 def reconstruction_grid(
     data,
-    out: Path,
-    series: list[str],
+    folders: list[Path],
     ids: list[str],
     height: int = 192,
     columns: list[str] | None = None,
 ) -> torch.Tensor | None:
-    """Rows of images: the original, then sample 0 of each series; ``None`` if none saved.
+    """Rows of images: the original, then ``<id>_0.png`` from each folder (a series'
+    reconstructions); ``None`` if none was saved.
 
     Each row is labelled with its image id and each column with ``columns`` (default:
-    ``original`` and the series names; a label may hold a second line, e.g. its bpp).
+    ``original`` and the folder names; a label may hold a second line, e.g. its bpp).
     """
     index = {it.id: i for i, it in enumerate(data.items)}
     rows, labels, cell = [], [], None
     for image_id in ids:
         cells = [data[index[image_id]]["image"]]
-        for name in series:
-            path = out / "reconstructions" / name / f"{image_id}_0.png"
+        for folder in folders:
+            path = Path(folder) / f"{image_id}_0.png"
             if path.is_file():
                 cells.append(load_image(path)[0])
         h, w = cells[0].shape[-2:]
@@ -157,7 +157,8 @@ def reconstruction_grid(
         return None
     width = max(r.shape[-1] for r in rows)
     grid = torch.cat([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows], dim=-2)
-    return _label(grid, columns or ["original", *series], labels, cell, height + 4)
+    columns = columns or ["original", *(Path(f).name for f in folders)]
+    return _label(grid, columns, labels, cell, height + 4)
 
 
 def _label(grid, columns: list[str], rows: list[str], cell_w: int, cell_h: int) -> torch.Tensor:

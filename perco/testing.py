@@ -23,7 +23,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from .models.autoencoders import SDAutoencoder
-from .models.perco import PerCo, variant_class
+from .models.perco import PerCo
+from .models.serialization import variant_class
 from .rates import Rate
 
 __all__ = [

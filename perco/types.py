@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rates import Rate
+
 __all__ = ["QuantizerOutput", "EncodedImages", "PerCoLoss"]
 
 
@@ -44,7 +46,7 @@ class EncodedImages:
             uses the null text embedding).
         sizes: original ``(height, width)`` per image.
         padded_size: ``(height, width)`` after padding, shared by the batch.
-        rate: name of the rung the indices were produced at.
+        rate: the rung the indices were produced at (as :class:`~perco.rates.Rate`).
         global_codes: ``(B, M)`` product-quantizer codes of a global image embedding
             (PerCo-Image), or ``None``.
         features: ``(B, codebook_dim, h, w)`` continuous codes on the padded grid, for the
@@ -56,7 +58,7 @@ class EncodedImages:
     captions: list[str | None]
     sizes: list[tuple[int, int]]
     padded_size: tuple[int, int]
-    rate: str
+    rate: Rate
     global_codes: torch.Tensor | None = None
     features: torch.Tensor | None = None
 

@@ -6,12 +6,12 @@
     python scripts/bench_variants.py --rate r0.0019 --limit 8
 
 The three small real models share the TAEF2 autoencoder, the training data (BSDS500),
-the steps and the schedule; each is evaluated with ``perco.evaluate`` (real bitstreams,
+the steps and the schedule; each is evaluated with ``perco.eval.evaluate`` (real bitstreams,
 the same images and seeds). Extra rows: the SPRDiff-style model's coarse reconstruction
 (one forward pass, no diffusion). LPIPS is given with both AlexNet (the evaluation's
-default) and VGG, because the small PerCo-Image and SPRDiff-style models use the same
-ImageNet AlexNet as their semantic encoder. Patch FID/KID is on AlexNet features (no
-Inception offline: not standard FID).
+default) and VGG (a metric this script registers), because the small PerCo-Image and
+SPRDiff-style models use the same ImageNet AlexNet as their semantic encoder. Patch
+FID/KID is on AlexNet features (no Inception offline: not standard FID).
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ import os
 import time
 from pathlib import Path
 
-import torch
-from bench_tiny import COLUMNS, print_table, score
-
-from perco import codec
-from perco.cli._common import load_model
+from perco import codec, load_model
 from perco.data.eval_sets import kodak
-from perco.evaluate import Backbones, EvalSettings, evaluate
-from perco.io import load_image
+from perco.eval import Backbones, EvalSettings, LatentCache, Metric, evaluate, register
+from perco.eval.family import markdown_table
+from perco.eval.metrics import score
 from perco.metrics import AlexNetFeatures, LPIPSDistance
 
+COLUMNS = ["bpp_file", "bpp_payload", "psnr", "ms_ssim", "lpips", "lpips_vgg", "delta_e2000",
+           "fid", "kid"]  # fmt: skip
 MODELS = {
     "PerCo": "tiny_taef2",
     "PerCo-Image": "tiny_taef2_image",
@@ -38,13 +37,7 @@ MODELS = {
 }
 
 
-def lpips_vgg(metric: LPIPSDistance, originals, folder: Path, ids) -> float:
-    values = [metric(x[None], load_image(folder / f"{i}_0.png")).item()
-              for x, i in zip(originals, ids, strict=True)]  # fmt: skip
-    return sum(values) / len(values)
-
-
-def coarse_row(model, originals, backbones, vgg) -> dict:
+def coarse_row(model, originals, backbones) -> dict:
     """Metrics of the SPRDiff-style coarse reconstructions, decoded from real files."""
     parsed, bpp = [], []
     for x in originals:
@@ -54,8 +47,6 @@ def coarse_row(model, originals, backbones, vgg) -> dict:
     coarse = codec.decompress(model, parsed, coarse=True)
     row = score(originals, coarse, backbones)
     row["bpp_file"], row["bpp_payload"] = (sum(b[i] for b in bpp) / len(bpp) for i in (0, 1))
-    pairs = zip(originals, coarse, strict=True)
-    row["lpips_vgg"] = sum(vgg(x[None], y[None]).item() for x, y in pairs) / len(coarse)
     return row
 
 
@@ -74,37 +65,29 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     data = kodak(args.kodak, args.limit)
-    ids = [it.id for it in data.items]
     originals = [data[i]["image"] for i in range(len(data))]
     alex = args.lpips_dir / "alexnet_features.safetensors"
     backbones = Backbones(LPIPSDistance("alex", alex), AlexNetFeatures(alex))
     vgg = LPIPSDistance("vgg", args.lpips_dir / "vgg16_features.safetensors")
+    register(Metric("lpips_vgg", lambda b: {"lpips_vgg": vgg(b.x, b.y)}))
     models = {name: load_model(str(args.runs / MODELS[name]), args.rate) for name in args.models}
-    first = next(iter(models.values())).autoencoder.state_dict()
-    for name, m in models.items():  # the models share latents only with one autoencoder
-        same = all(torch.equal(v, m.autoencoder.state_dict()[k]) for k, v in first.items())
-        assert same, f"{name} has another autoencoder"
 
-    latent_cache, table = {}, {}
+    latent_cache, table = LatentCache(), {}
     settings = EvalSettings(steps=[args.steps], ceiling=False, fid_variant="patches",
                             batch_size=4, grid_images=4, save_reconstructions=True)  # fmt: skip
     run_dir = args.out / f"{args.rate}_{len(data)}img_{args.steps}steps"  # one resumable cache each
     for name, model in models.items():
         out = run_dir / MODELS[name]
         doc = evaluate(model, data, settings, backbones, out, name, latent_cache)
-        row = {k: v[0] for k, v in doc["results"].items()}
-        folder = out / "reconstructions" / f"steps={args.steps}"
-        row["lpips_vgg"] = lpips_vgg(vgg, originals, folder, ids)
-        table[f"{name} {args.rate}"] = row
+        table[f"{name} {args.rate}"] = {k: v[0] for k, v in doc["results"].items()}
 
     if "SPRDiff-style" in models:
         table[f"SPRDiff-style {args.rate}, coarse image (one pass)"] = coarse_row(
-            models["SPRDiff-style"], originals, backbones, vgg
+            models["SPRDiff-style"], originals, backbones
         )
 
-    columns = [*COLUMNS[:5], "lpips_vgg", *COLUMNS[5:]]
     print(f"\nKodak ({len(data)} images, native size), {args.steps} steps, guidance none\n")
-    print_table(table, columns)
+    print(markdown_table(table, COLUMNS))
     print(f"\nwall-clock {(time.perf_counter() - start) / 60:.1f} min; outputs in {run_dir}")
 
 

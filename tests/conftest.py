@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from perco.testing import tiny_perco
 
 ROOT = Path(__file__).resolve().parents[1]
+HAS_COMPRESSAI = importlib.util.find_spec("compressai") is not None
+NEEDS_COMPRESSAI = "needs the sprdiff extra (CompressAI pins numpy<2): pip install -e '.[sprdiff]'"
 ASSETS = Path(os.environ.get("PERCO_ASSETS", ROOT.parent / "shared" / "assets"))
 
 

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from perco import CONFIG_DIR
 from perco.data.coco import prepare_coco
 from perco.data.eval_sets import coco30k_files, kodak, load_eval_set, prepared_coco
-from perco.evaluate import reconstruction_seed, run
+from perco.eval import reconstruction_seed, run
 from perco.io import load_image, save_image
 from perco.plot import main as plot_main
 
@@ -155,7 +155,7 @@ def test_results_do_not_depend_on_batching_and_seeds_are_per_reconstruction(
 
 
 def test_bad_dataset_is_a_one_line_error(tmp_path):
-    cmd = [sys.executable, "-m", "perco.evaluate", "dataset=folder",
+    cmd = [sys.executable, "-m", "perco.eval", "dataset=folder",
            f"dataset.root={tmp_path / 'missing'}", f"output_dir={tmp_path / 'o'}"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
@@ -249,7 +249,7 @@ def test_two_processes_give_the_numbers_of_one(photos, tmp_path, assets):
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "-m", "perco.evaluate", *overrides]  # fmt: skip
+           "-m", "perco.eval", *overrides]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "r0.0019" / "results.json").read_text())
@@ -305,7 +305,7 @@ def test_clip_scores_with_a_tiny_open_clip():
 def test_coco_evaluation_with_clip_and_segmenter_stand_ins(assets, tmp_path):
     """The COCO path end to end: ground-truth captions condition the decoder, CLIP scores
     against another caption, mIoU against label maps (tiny random stand-in backbones)."""
-    from perco.evaluate import Backbones, EvalSettings, evaluate
+    from perco.eval import Backbones, EvalSettings, evaluate
     from perco.metrics import LPIPSDistance
     from perco.metrics.fid_kid import AlexNetFeatures
     from perco.testing import tiny_perco
@@ -343,7 +343,7 @@ def perco_eval_cli():
 @pytest.mark.slow
 def test_the_cli_takes_a_checkpoint_a_rate_sweep_and_accelerate_launch(photos, tmp_path, assets):
     """The README's spellings: `perco-eval checkpoint=<sweep folder> rate=<rung>`, a
-    `-m ... 'rate=glob(...)'` sweep, and `accelerate launch ... -m perco.evaluate`."""
+    `-m ... 'rate=glob(...)'` sweep, and `accelerate launch ... -m perco.eval`."""
     from perco.testing import tiny_perco
 
     sweep = tmp_path / "runs" / "tiny"
@@ -375,7 +375,7 @@ def test_the_cli_takes_a_checkpoint_a_rate_sweep_and_accelerate_launch(photos, t
         assert (tmp_path / "sweep" / rate / "results.json").is_file()
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "perco.evaluate"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "perco.eval"]
     perco_eval(*common, "rate=r0.0019", f"output_dir={tmp_path / 'two'}", launcher=launch)
     results = json.loads((tmp_path / "two" / "r0.0019" / "results.json").read_text())
     assert results["protocol"]["images"] == 3

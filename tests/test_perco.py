@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from perco import PerCo, index_bits
+from perco import PerCo, get_rate, index_bits
 from perco.io import load_image
 from perco.testing import save_tiny_stable_diffusion, tiny_perco
 
@@ -118,7 +118,7 @@ def test_inconsistent_parts_are_rejected(model):
             config=type(model.config)(rate="r0.1250"),
         )
     enc = model.encode(torch.rand(1, 3, 64, 64))
-    enc.rate = "r0.0024"
+    enc.rate = get_rate("r0.0024")
     with pytest.raises(ValueError, match="made at rate"):
         model.decode(enc)
 
@@ -185,7 +185,7 @@ def test_training_lowers_the_loss_on_fixed_noise():
 def test_predicted_x0_inverts_the_forward_process(prediction_type):
     from diffusers import DDIMScheduler
 
-    from perco.models.perco import predicted_x0
+    from perco.losses import predicted_x0
     from perco.testing import SD21_SCHEDULER
 
     sched = DDIMScheduler(**{**SD21_SCHEDULER, "prediction_type": prediction_type})

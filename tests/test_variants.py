@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import NEEDS_COMPRESSAI
 
 from perco import bitstream, codec
 from perco.bitstream import BitstreamError
@@ -35,6 +36,7 @@ def open_clip_dir(tmp_path_factory):
 def compressai_checkpoint(tmp_path_factory):
     """A narrow mbt2018-mean (MeanScaleHyperprior) with random weights, saved as a
     CompressAI checkpoint (a state dict)."""
+    pytest.importorskip("compressai", reason=NEEDS_COMPRESSAI)
     from compressai.models import MeanScaleHyperprior
 
     torch.manual_seed(0)
@@ -217,10 +219,11 @@ def test_caption_and_embedding_files_are_not_mixed(open_clip_dir, images):
         bitstream.read(pq_file, fingerprint=fp, rate=rate)
     with pytest.raises(BitstreamError, match="carries a caption"):
         bitstream.read(caption_file, fingerprint=text_model.fingerprint, rate=rate,
-                       global_codes=(4, 16))  # fmt: skip
+                       global_pq=(4, 16))  # fmt: skip
 
 
 # -- SPRDiff-style -----------------------------------------------------------------------
+@pytest.mark.sprdiff
 def test_distortion_encoder_through_compressai_loaders(compressai_checkpoint):
     from compressai.models import MeanScaleHyperprior
     from compressai.zoo import load_state_dict
@@ -239,6 +242,7 @@ def test_distortion_encoder_through_compressai_loaders(compressai_checkpoint):
         load_distortion_encoder("mbt2018-mean:/no/such/checkpoint.pth")
 
 
+@pytest.mark.sprdiff
 def test_sprdiff_fusion_starts_as_the_latent(open_clip_dir, compressai_checkpoint, images):
     model = sprdiff(open_clip_dir, compressai_checkpoint).eval()
     latents = model._latents(images)
@@ -246,6 +250,7 @@ def test_sprdiff_fusion_starts_as_the_latent(open_clip_dir, compressai_checkpoin
         assert torch.allclose(model._hyper_input(latents, images), latents, atol=1e-6)
 
 
+@pytest.mark.sprdiff
 def test_sprdiff_trains(open_clip_dir, compressai_checkpoint, images):
     model = sprdiff(open_clip_dir, compressai_checkpoint)
     out = model(images, [None, "a cat"])
@@ -254,6 +259,7 @@ def test_sprdiff_trains(open_clip_dir, compressai_checkpoint, images):
     assert after < before
 
 
+@pytest.mark.sprdiff
 def test_sprdiff_round_trip_and_coarse(tmp_path, open_clip_dir, compressai_checkpoint):
     model = sprdiff(open_clip_dir, compressai_checkpoint).eval()
     image = torch.rand(1, 3, 72, 100)  # padded to 128 x 128 inside

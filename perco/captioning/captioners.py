@@ -60,7 +60,8 @@ class VisionLanguageCaptioner(Captioner):
             captioning, as BLIP-2's COCO checkpoints are used).
         max_new_tokens: PerCo keeps captions to 32 tokens.
         batch_size: images per ``generate`` call.
-        device, dtype: default CUDA with bfloat16 when available, else CPU float32.
+        device: default CUDA when available, else the CPU.
+        dtype: default bfloat16 on CUDA, float32 on the CPU.
     """
 
     def __init__(

@@ -7,10 +7,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models.perco import CONFIG_NAME, PerCo
+from ..models.loading import TINY
 from ..rates import RATES
 
-TINY = "tiny"
+__all__ = ["add_model_arguments", "collect", "output_path", "Report", "progress"]
 
 
 def add_model_arguments(parser) -> None:
@@ -24,36 +24,6 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--rate", choices=list(RATES), help="rung (checked against the model)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-
-
-def load_model(spec: str, rate: str | None) -> PerCo:
-    """``tiny``, a checkpoint folder, a hub id, or a folder holding the checkpoint in
-    ``model/``, ``<rate>/`` or ``<rate>/model/`` (the layout ``perco-train`` writes)."""
-    if spec == TINY:
-        from ..testing import tiny_perco
-
-        return tiny_perco(rate or "r0.0019").eval()
-    path = Path(spec)
-    if path.is_dir():
-        candidates = [path, path / "model"]
-        if rate:
-            candidates += [path / rate, path / rate / "model"]
-        found = next((c for c in candidates if (c / CONFIG_NAME).is_file()), None)
-        if found is None:
-            where = ", ".join(str(c.relative_to(path)) for c in candidates)
-            raise FileNotFoundError(f"{spec}: no {CONFIG_NAME} in {where}")
-        path = found
-    else:
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(spec))
-        except Exception as e:  # offline, unknown repo, ...: one line, not a traceback
-            raise FileNotFoundError(f"cannot fetch model {spec!r}: {type(e).__name__}") from e
-    model = PerCo.from_pretrained(path).eval()
-    if rate and model.rate.name != rate:
-        raise ValueError(f"model {spec} is at {model.rate.name}, not {rate}")
-    return model
 
 
 def collect(inputs: list[Path], suffixes: tuple[str, ...]) -> list[Path]:

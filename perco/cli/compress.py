@@ -20,9 +20,10 @@ from .. import bitstream, codec
 from ..captioning import text_codec
 from ..captioning.captioners import load_captioner
 from ..io import IMAGE_SUFFIXES, read_captions, read_image, save_image, to_pil, write_bytes
+from ..models.loading import load_model
 from ..sampling import GUIDANCE_MODES
 from ..timing import StageTimer
-from ._common import Report, add_model_arguments, collect, load_model, output_path, progress
+from ._common import Report, add_model_arguments, collect, output_path, progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

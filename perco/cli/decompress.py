@@ -20,9 +20,11 @@ from pathlib import Path
 from .. import codec
 from ..bitstream import BitstreamError
 from ..io import save_image
+from ..models.loading import load_model
+from ..models.perco import Capability
 from ..sampling import GUIDANCE_MODES
 from ..timing import StageTimer
-from ._common import Report, add_model_arguments, collect, load_model, output_path, progress
+from ._common import Report, add_model_arguments, collect, output_path, progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.rate)
-    if args.coarse and not hasattr(model, "coarse"):
+    if args.coarse and not model.capabilities & Capability.COARSE:
         raise ValueError(f"--coarse needs an SPRDiff-style model; this one is {model.variant}")
     report, timer = Report(), StageTimer()
     parsed = []

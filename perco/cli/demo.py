@@ -1,8 +1,9 @@
-"""Encode a photo, count its bits and decode it with a tiny PerCo (offline, CPU).
+"""Compress a photo to a ``.perco`` file and decode it with a tiny PerCo (offline, CPU).
 
 The tiny model has random weights: the run exercises the whole codec on a real photo at
-its native size (autoencoder, hyper-encoder, quantizer, bit count, CFG sampling,
-autoencoder decode) but the reconstruction carries no learned content.
+its native size (autoencoder, hyper-encoder, quantizer, the file ``perco compress``
+writes, CFG sampling, autoencoder decode) but the reconstruction carries no learned
+content. The bits printed are the file's own (:func:`perco.codec.compress`).
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import zlib
 from pathlib import Path
 
-import torch
-
-from ..io import load_image, save_image
-from ..rates import RATES, get_rate, hyper_latent_size, index_bits
+from .. import codec
+from ..io import atomic_write, load_image, save_image
+from ..rates import RATES, get_rate
 
 DEFAULT_IMAGE = "kodak/kodim23.png"
 
@@ -46,36 +45,35 @@ def run(args: argparse.Namespace) -> int:
     rate = get_rate(args.rate)
     image = load_image(args.image)
     height, width = image.shape[-2:]
-    torch.manual_seed(args.seed)
     model = tiny_perco(rate, seed=args.seed).eval()
 
     t0 = time.perf_counter()
-    encoded = model.encode(image, [args.caption])
+    ((data, bits),) = codec.compress(model, image, [args.caption], seed=args.seed)
     t1 = time.perf_counter()
-    (reconstruction,) = model.decode(encoded, steps=args.steps, seed=args.seed)
+    parsed, _ = codec.parse(model, data)
+    (reconstruction,) = codec.decompress(model, [parsed], steps=args.steps)
     t2 = time.perf_counter()
 
-    h, w = hyper_latent_size(rate, height, width, model.autoencoder.factor)
-    assert encoded.indices.shape[-2:] == (h, w)
-    idx_bits = index_bits(rate, height, width, model.autoencoder.factor)
-    # the paper's reference caption coding: zlib (Lempel-Ziv)
-    cap_bits = 8 * len(zlib.compress(args.caption.encode("utf-8"), 9)) if args.caption else 0
-    out = args.out / f"{args.image.stem}_{rate.name}.png"
-    save_image(reconstruction, out)
-
+    stem = f"{args.image.stem}_{rate.name}"
+    file, png = args.out / f"{stem}.perco", args.out / f"{stem}.png"
+    atomic_write(file, lambda tmp: Path(tmp).write_bytes(data))
+    save_image(reconstruction, png)
+    h, w = model.index_grid(height, width)
+    padded_h, padded_w = model.padded_size(height, width)
     pixels = height * width
-    print(
-        f"image          {args.image} ({width}x{height}, padded to "
-        f"{encoded.padded_size[1]}x{encoded.padded_size[0]})"
-    )
+    caption = f"({bits.caption_codec})" if args.caption else "- no caption"
+    print(f"image          {args.image} ({width}x{height}, padded to {padded_w}x{padded_h})")
     print(f"rate           {rate.name}: {w}x{h} indices, V={rate.codebook_size}")
-    print(f"index bits     {idx_bits} ({idx_bits / pixels:.5f} bpp)")
-    print(f"caption bits   {cap_bits} (zlib){'' if args.caption else ' - no caption'}")
-    print(f"payload        {idx_bits + cap_bits} bits = {(idx_bits + cap_bits) / pixels:.5f} bpp")
+    print(f"index bits     {bits.index_bits} ({bits.index_bits / pixels:.5f} bpp)")
+    print(f"caption bits   {bits.caption_bits} {caption}")
+    print(f"payload        {bits.index_bits + bits.caption_bits} bits = "
+          f"{bits.bpp_payload:.5f} bpp")  # fmt: skip
+    print(f"file           {file}: {bits.file_bytes} bytes = "
+          f"{bits.bpp_file:.5f} bpp ({bits.header_bytes}-byte header)")  # fmt: skip
     print(f"encode         {t1 - t0:.2f} s")
     print(
         f"decode         {t2 - t1:.2f} s ({args.steps or model.default_steps} steps, CFG "
         f"{model.config.guidance} x{model.config.guidance_scale})"
     )
-    print(f"reconstruction {out}  (tiny model, random weights)")
+    print(f"reconstruction {png}  (tiny model, random weights)")
     return 0

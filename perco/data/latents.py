@@ -61,7 +61,7 @@ def write_latent_shards(
             batch = collate(batch)
             if not batch["keys"]:
                 continue
-            latents = autoencoder.encode(batch["images"].to(device) * 2 - 1).float().cpu()
+            latents = autoencoder.encode_pixels(batch["images"].to(device)).float().cpu()
             for key, caption, latent in zip(batch["keys"], batch["captions"], latents, strict=True):
                 buffer = io.BytesIO()
                 np.save(buffer, latent.numpy().astype(np.float16), allow_pickle=False)

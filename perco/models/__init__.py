@@ -1,8 +1,10 @@
 """Model components: autoencoders, hyper-encoder, quantizer, U-Net adapter, PerCo."""
 
 from .autoencoders import AUTOENCODERS, Autoencoder, SDAutoencoder
+from .config import PerCoConfig
 from .hyper_encoder import HyperEncoder
-from .perco import PerCo, PerCoConfig
+from .loading import load_model
+from .perco import Capability, PerCo
 from .quantizer import VectorQuantizer
 from .taesd import TinyAutoencoder
 from .text import NullTextEmbedding
@@ -16,6 +18,8 @@ __all__ = [
     "HyperEncoder",
     "PerCo",
     "PerCoConfig",
+    "Capability",
+    "load_model",
     "VectorQuantizer",
     "NullTextEmbedding",
     "linear_parameter_share",

@@ -42,6 +42,14 @@ class Autoencoder(nn.Module):
         """Normalised latents → images in ``[-1, 1]`` (not clamped)."""
         raise NotImplementedError
 
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in ``[0, 1]`` (the project's pixel range) → normalised latents."""
+        return self.encode(images * 2 - 1)
+
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → float32 images in ``[0, 1]`` (not clamped)."""
+        return (self.decode(latents).float() + 1) / 2
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         raise NotImplementedError
 

@@ -17,16 +17,10 @@ scheduler says) plus the quantizer's commitment loss; the autoencoder is frozen.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import importlib
-import json
+import enum
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -35,106 +29,31 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..fingerprint import fingerprint
-from ..rates import Rate, get_rate, hyper_latent_size
-from ..sampling import GUIDANCE_MODES, GuidanceMode, sample
+from ..losses import diffusion_loss, metric_factor, predicted_x0
+from ..rates import Rate, hyper_latent_size
+from ..sampling import GuidanceMode, sample
 from ..timing import StageTimer, stage
 from ..types import EncodedImages, PerCoLoss, QuantizerOutput
-from .autoencoders import Autoencoder, SDAutoencoder, load_autoencoder
+from .autoencoders import Autoencoder, SDAutoencoder
+from .config import PerCoConfig
 from .hyper_encoder import HyperEncoder
 from .quantizer import VectorQuantizer
+from .serialization import load, save
 from .text import NullTextEmbedding, check_tokenizer, drop_captions, encode_captions
 from .unet_adapter import widen_conv_in
 
-__all__ = ["PerCo", "PerCoConfig", "Local", "predicted_x0", "VARIANTS", "variant_class"]
+__all__ = ["PerCo", "PerCoConfig", "Local", "Capability"]
 
-CONFIG_NAME = "perco.json"
-# model variants by the name ``perco.json`` records: PerCo.from_pretrained builds the right one
-VARIANTS = {
-    "perco": "perco.models.perco:PerCo",
-    "perco_image": "perco.models.perco_image:PerCoImage",
-    "sprdiff_style": "perco.models.sprdiff:SPRDiffStyle",
-}
-
-
-def variant_class(variant: str) -> type[PerCo]:
-    """The model class of a variant name (a key of :data:`VARIANTS`)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
-    module, _, name = VARIANTS[variant].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-Condition = Literal["codes", "projected"]
 Trainable = Literal["linear", "full", "lora", "none"]
 
 
-@dataclass
-class PerCoConfig:
-    """Settings that are not weights; saved as ``perco.json`` beside the components.
+class Capability(enum.Flag):
+    """What a model variant can do besides PerCo's encode, decode and loss; callers ask
+    ``model.capabilities`` instead of probing for methods."""
 
-    Args:
-        rate: the rung (its name, downsampling, ``V`` and default steps are all stored).
-        condition: what is concatenated to the noisy latent: ``"projected"`` — the code
-            vectors projected back up to the hyper-encoder width (the authors' design,
-            PerCo (SD)); ``"codes"`` — the 32-dim code vectors themselves.
-        guidance: classifier-free guidance mode, see :mod:`perco.sampling`.
-        guidance_scale: ``λ`` of eq. 5 (the paper: 3).
-        text_drop_prob: share of training samples whose caption is replaced by the null
-            text (the paper: 10%).
-        latent_metric: a ``C × C`` positive semi-definite matrix ``G``; the diffusion
-            loss becomes ``eᵀ G e / C`` per latent position instead of ``|e|² / C``
-            (``None``: ``G = I``, the paper). For a many-channel latent whose channels
-            matter very unequally in pixels (TAEF2: two of 32 carry most of the
-            luminance, colour is spread over several), the decoder's own metric
-            (:func:`perco.models.autoencoders.latent_metric`) makes the loss a
-            linearised pixel MSE, so the hyper-latent's few bits go where they show.
-        lowpass_weight: ``w`` of an extra loss term on the error averaged over
-            ``lowpass_size × lowpass_size`` latent windows (``0``: none, the paper). An
-            error that is constant over a window then costs ``1 + w`` times as much as
-            before, an error that averages out costs nothing more: the index bits go
-            first to regional means (colour, brightness), as JPEG's DC coefficients do.
-        lowpass_size: window of ``lowpass_weight``, in latent positions.
-        local: the local context ``z_l``. ``"quantized"``: PerCo's vector-quantized
-            hyper-latent. Two ablations of the paper: ``"continuous"`` — the
-            hyper-encoder's output in the codebook space, not quantized ("PerCo w/o
-            quantization", Table 1 right; float32, no bitstream, rate not applicable);
-            ``"none"`` — no local context, the U-Net's ``z_l`` channels are zero (the
-            text-only model of Fig. 7; only the caption is coded). Ablation models have
-            no ``.perco`` files: :func:`perco.evaluate.evaluate` measures them directly.
-        text: whether the model reads captions. ``False`` for a model trained without
-            text (the small TAEF2 model): a caption would only add bytes to its files and
-            nudge the decoder off what it learned, so :meth:`PerCo.encode` refuses one.
-        steps: decoding steps when a call asks for none; ``None``: the rung's default
-            (20 below 0.05 bpp, 5 above). The one rule every command follows.
-    """
-
-    rate: Rate
-    condition: Condition = "projected"
-    guidance: GuidanceMode = "text"
-    guidance_scale: float = 3.0
-    text_drop_prob: float = 0.1
-    latent_metric: list[list[float]] | None = None
-    lowpass_weight: float = 0.0
-    lowpass_size: int = 4
-    local: Literal["quantized", "continuous", "none"] = "quantized"
-    text: bool = True
-    steps: int | None = None
-
-    def __post_init__(self):
-        if isinstance(self.rate, dict):
-            self.rate = Rate(**self.rate)
-        self.rate = get_rate(self.rate)
-        if self.condition not in ("codes", "projected"):
-            raise ValueError(f"condition must be 'codes' or 'projected', got {self.condition!r}")
-        if self.guidance not in GUIDANCE_MODES:
-            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
-        if self.local not in ("quantized", "continuous", "none"):
-            raise ValueError(
-                f"local must be 'quantized', 'continuous' or 'none', got {self.local!r}"
-            )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    NONE = 0
+    COARSE = enum.auto()  # coarse(encoded): a one-pass pixel preview (SPRDiff-style)
+    GLOBAL_CODEBOOKS = enum.auto()  # fit_global_codebooks(...) before training (PerCo-Image)
 
 
 @dataclass
@@ -153,20 +72,6 @@ class Local:
     coarse: torch.Tensor | None = None
 
 
-def predicted_x0(
-    scheduler, noisy: torch.Tensor, pred: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """The clean latent implied by a prediction at ``timesteps`` (fp32).
-
-    v-prediction: ``x0 = √ᾱ·x_t − √(1−ᾱ)·v``; ε-prediction: ``x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ``.
-    """
-    alpha = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
-    noisy, pred = noisy.float(), pred.float()
-    if scheduler.config.prediction_type == "v_prediction":
-        return alpha.sqrt() * noisy - (1 - alpha).sqrt() * pred
-    return (noisy - (1 - alpha).sqrt() * pred) / alpha.sqrt()
-
-
 class PerCo(nn.Module):
     """The PerCo codec: ``encode`` → indices + caption, ``decode`` → images, ``forward`` → loss.
 
@@ -177,6 +82,7 @@ class PerCo(nn.Module):
     """
 
     variant = "perco"
+    capabilities = Capability.NONE
 
     def __init__(
         self,
@@ -320,6 +226,23 @@ class PerCo(nn.Module):
         return next(self.unet.parameters()).device
 
     @property
+    def cell(self) -> int:
+        """Pixels per hyper-latent cell: the autoencoder's factor × the rung's downsampling."""
+        return self.autoencoder.factor * self.rate.downsample
+
+    @property
+    def _metric_factor(self) -> torch.Tensor | None:
+        """:func:`~perco.losses.metric_factor` of ``config.latent_metric``, computed once
+        per metric (not at every training step)."""
+        metric = self.config.latent_metric
+        if metric is None:
+            return None
+        cached = getattr(self, "_factor", None)
+        if cached is None or cached[0] != metric:
+            self._factor = (metric, metric_factor(metric))
+        return self._factor[1]
+
+    @property
     def unet_factor(self) -> int:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
@@ -397,7 +320,7 @@ class PerCo(nn.Module):
             raise ValueError(f"U-Net takes {got} input channels, expected {want}")
 
     @property
-    def global_codebook(self) -> tuple[int, int] | None:
+    def global_pq(self) -> tuple[int, int] | None:
         """``(M, V)`` of the codes that replace the caption in the file (PerCo-Image's
         product quantizer); ``None``: the file carries a caption."""
         return None
@@ -454,8 +377,7 @@ class PerCo(nn.Module):
         Cells past the image's cells cover only padding, which is cropped away after
         decoding, so they are not coded; the decoder repeats the nearest coded cell there.
         """
-        cell = self.autoencoder.factor * self.rate.downsample
-        gh, gw = padded_size[0] // cell, padded_size[1] // cell
+        gh, gw = padded_size[0] // self.cell, padded_size[1] // self.cell
         h, w = indices.shape[-2:]
         if (h, w) == (gh, gw):
             return indices
@@ -466,7 +388,7 @@ class PerCo(nn.Module):
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in ``[0, 1]`` (already padded) → frozen-autoencoder latents."""
         with torch.no_grad():
-            return self.autoencoder.encode(images * 2 - 1)
+            return self.autoencoder.encode_pixels(images)
 
     def _z_l(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors → ``z_l`` as the U-Net is conditioned on it (projected to the
@@ -571,26 +493,21 @@ class PerCo(nn.Module):
 
         unet_in = torch.cat([noisy, local.spatial], dim=1).to(self.unet.dtype)
         pred = self.unet(unet_in, timesteps, text.to(self.unet.dtype)).sample
-        error = pred.float() - target.float()
-        if self.config.latent_metric is not None:  # eᵀGe = |Ae|² with A = Λ^½ Qᵀ
-            eigenvalues, eigenvectors = torch.linalg.eigh(
-                torch.tensor(self.config.latent_metric, dtype=torch.float64)
-            )
-            a = (eigenvalues.clamp(min=0).sqrt()[:, None] * eigenvectors.T).float()
-            error = torch.einsum("cd,bdhw->bchw", a.to(error.device), error)
-        per_sample = error.pow(2).mean(dim=(1, 2, 3))
-        if self.config.lowpass_weight:
-            regional = F.avg_pool2d(error, self.config.lowpass_size, ceil_mode=True)
-            per_sample = per_sample + self.config.lowpass_weight * regional.pow(2).mean(
-                dim=(1, 2, 3)
-            )
+        snr = None
         if snr_gamma:
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(sched, timesteps).float()
-            v_pred = sched.config.prediction_type == "v_prediction"
-            per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr + 1 if v_pred else snr)
-        diffusion = per_sample.mean()
+        cfg = self.config
+        diffusion = diffusion_loss(
+            pred.float() - target.float(),
+            factor=self._metric_factor,
+            lowpass_weight=cfg.lowpass_weight,
+            lowpass_size=cfg.lowpass_size,
+            snr=snr,
+            snr_gamma=snr_gamma,
+            v_prediction=sched.config.prediction_type == "v_prediction",
+        ).mean()
         x0 = predicted_x0(sched, noisy, pred, timesteps)
         image = self._image_loss(local, padded)
         loss = diffusion + q.loss
@@ -695,7 +612,7 @@ class PerCo(nn.Module):
             captions=captions,
             sizes=[(h, w)] * b,
             padded_size=tuple(padded.shape[-2:]),
-            rate=self.rate.name,
+            rate=self.rate,
             global_codes=global_codes,
             features=features,
         )
@@ -722,9 +639,9 @@ class PerCo(nn.Module):
         reconstruction does not depend on the rest of the batch.
         ``timer`` collects "text encoding", "decode steps" and "autoencoder decode".
         """
-        if encoded.rate != self.rate.name:
+        if encoded.rate.name != self.rate.name:
             raise ValueError(
-                f"indices were made at rate {encoded.rate}, this model is {self.rate.name}"
+                f"indices were made at rate {encoded.rate.name}, this model is {self.rate.name}"
             )
         cfg = self.config
         b = len(encoded)
@@ -749,7 +666,7 @@ class PerCo(nn.Module):
                 generator=generator,
             )
         with stage(timer, "autoencoder decode"):
-            images = ((self.autoencoder.decode(latents).float() + 1) / 2).clamp(0, 1)
+            images = self.autoencoder.decode_pixels(latents).clamp(0, 1)
         return self._crop(images, encoded.sizes)
 
     def sampler(self, timestep_spacing: str | None = None):
@@ -791,45 +708,9 @@ class PerCo(nn.Module):
     _TRAINED: tuple[str, ...] = ()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write a folder: one subfolder per component (safetensors) and ``perco.json``.
-
-        The folder is written beside ``path`` and renamed into place, so an existing
-        checkpoint is replaced whole or not at all.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            self.autoencoder.save_pretrained(tmp / "autoencoder")
-            for name in self._MODULES:
-                module = getattr(self, name)
-                if name == "unet" and self.has_lora:
-                    # a plain U-Net with the adapters merged in, loadable anywhere
-                    module = copy.deepcopy(module)
-                    module.fuse_lora()
-                    module.unload_lora()
-                module.save_pretrained(tmp / name)
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            self.scheduler.save_pretrained(tmp / "scheduler")
-            self._fingerprint = None
-            config = {
-                **self.config.to_dict(),
-                "variant": self.variant,
-                "autoencoder": self.autoencoder.name,
-                "scheduler_class": type(self.scheduler).__name__,
-                "fingerprint": self.fingerprint.hex(),
-            }
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Write a folder: one subfolder per component (safetensors) and ``perco.json``,
+        replacing an existing one whole or not at all (see :func:`.serialization.save`)."""
+        save(self, path)
 
     @classmethod
     def from_pretrained(
@@ -837,40 +718,4 @@ class PerCo(nn.Module):
     ) -> PerCo:
         """Load a folder written by :meth:`save_pretrained`, as the variant it records
         (``PerCo.from_pretrained`` returns a PerCo-Image or SPRDiff-style model too)."""
-        import diffusers
-        from transformers import AutoModel, AutoTokenizer
-
-        path = Path(path)
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path} is not a PerCo checkpoint (no {CONFIG_NAME})")
-        raw = json.loads(config_file.read_text())
-        variant = raw.pop("variant", "perco")
-        if variant not in VARIANTS:
-            raise ValueError(f"{path} holds an unknown model variant {variant!r}")
-        found = variant_class(variant)
-        if not issubclass(found, cls):
-            raise ValueError(f"{path} holds a {variant} model, not a {cls.__name__}")
-        cls = found
-        scheduler_class = getattr(diffusers, raw.pop("scheduler_class"))
-        autoencoder = raw.pop("autoencoder")
-        stored_fingerprint = raw.pop("fingerprint", None)
-        config = PerCoConfig(**raw)
-        load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        check_tokenizer(tokenizer, str(path / "tokenizer"))
-        modules = {}
-        for name, module_class in cls._MODULES.items():
-            module_class = module_class or AutoModel  # None: the text encoder
-            dtype = load if module_class in (UNet2DConditionModel, AutoModel) else {}
-            modules[name] = module_class.from_pretrained(path / name, **dtype)
-        model = cls(
-            autoencoder=load_autoencoder(autoencoder, path / "autoencoder", **load),
-            tokenizer=tokenizer,
-            scheduler=scheduler_class.from_pretrained(path / "scheduler"),
-            config=config,
-            **modules,
-        )
-        if stored_fingerprint is not None:
-            model._fingerprint = bytes.fromhex(stored_fingerprint)
-        return model
+        return load(cls, path, torch_dtype=torch_dtype)

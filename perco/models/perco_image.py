@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..rates import Rate
-from .perco import PerCo
+from .perco import Capability, PerCo
 from .product_quantizer import ProductQuantizer
 from .vision import VisionEncoder, load_vision_encoder
 
@@ -63,6 +63,7 @@ class PerCoImage(PerCo):
     """
 
     variant = "perco_image"
+    capabilities = Capability.GLOBAL_CODEBOOKS
     _MODULES = {
         **PerCo._MODULES,
         "vision": VisionEncoder,
@@ -109,7 +110,7 @@ class PerCoImage(PerCo):
         return cls._extend(base, vision=vision, image_quantizer=pq, image_tokens=tokens)
 
     @property
-    def global_codebook(self) -> tuple[int, int]:
+    def global_pq(self) -> tuple[int, int]:
         return self.image_quantizer.config.num_subvectors, self.image_quantizer.config.codebook_size
 
     @property

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..rates import Rate
 from ..types import EncodedImages
-from .perco import Local, PerCo
+from .perco import Capability, Local, PerCo
 from .perco_image import EmbeddingTokens
 from .unet_adapter import widen_conv_in
 from .vision import VisionEncoder, load_vision_encoder
@@ -242,6 +242,7 @@ class SPRDiffStyle(PerCo):
     """
 
     variant = "sprdiff_style"
+    capabilities = Capability.COARSE
     _MODULES = {
         **PerCo._MODULES,
         "distortion_encoder": DistortionEncoder,
@@ -286,7 +287,7 @@ class SPRDiffStyle(PerCo):
         settings = {
             **(reconstruction or {}),
             "code_channels": base.local_channels,
-            "upscale": autoencoder.factor * base.rate.downsample,
+            "upscale": base.cell,
             "latent_factor": autoencoder.factor,
             "semantic_dim": semantic.embed_dim,
             "context_width": unet.config.cross_attention_dim,

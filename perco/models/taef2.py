@@ -21,7 +21,8 @@ from ..io import atomic_write
 from ..rates import Rate
 from ..testing import SD21_SCHEDULER, TEXT_DIM, tiny_components
 from .autoencoders import latent_metric
-from .perco import PerCo, variant_class
+from .perco import PerCo
+from .serialization import variant_class
 from .taesd import TinyAutoencoder
 
 __all__ = ["load_taef2", "taef2_latent_metric", "taef2_perco", "taef2_latent_crops"]

@@ -45,8 +45,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..io import atomic_write
-from ..losses import load_lpips
-from ..models.perco import PerCo
+from ..losses import load_lpips, x0_lpips
+from ..models.perco import Capability, PerCo
 from .checkpoints import failpoint, next_index, resume_checkpoint, save_checkpoint
 from .preemption import Preempted, Preemption
 from .validation import FixedValidation
@@ -280,7 +280,7 @@ def train(cfg: DictConfig) -> dict:
         else:
             accelerator.load_state(str(checkpoint))
             log.info("resumed from %s at step %d", checkpoint, state.step)
-    if hasattr(unwrapped, "fit_global_codebooks"):  # PerCo-Image, unless resumed fitted
+    if unwrapped.capabilities & Capability.GLOBAL_CODEBOOKS:  # unless resumed fitted
         fit_global_codebooks(unwrapped, loader, dataset, tc)
 
     if tc.tensorboard:
@@ -377,9 +377,9 @@ def train(cfg: DictConfig) -> dict:
                     if perceptual is not None:
                         if "images" not in batch:
                             raise ValueError("the LPIPS term needs pixels; latent shards have none")
-                        # LPIPS between the image and the decoded x0 estimate (frozen decoder)
-                        decoded = unwrapped.autoencoder.decode(losses.x0).float().clamp(-1, 1)
-                        lpips_term = perceptual(decoded, batch["images"] * 2 - 1).mean()
+                        lpips_term = x0_lpips(
+                            perceptual, unwrapped.autoencoder, losses.x0, batch["images"]
+                        )
                         loss = loss + tc.lpips_weight * lpips_term
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip:

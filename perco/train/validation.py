@@ -96,8 +96,7 @@ class FixedValidation:
         if self.images is not None:
             originals = self.images.to(model.device)
         else:
-            decoded = model.autoencoder.decode(self.latents.to(model.device)).float()
-            originals = ((decoded + 1) / 2).clamp(0, 1)
+            originals = model.autoencoder.decode_pixels(self.latents.to(model.device)).clamp(0, 1)
         encoded = model.encode(originals, self.captions)
         recon = torch.stack(model.decode(encoded, steps=self.sample_steps, seed=0))
         model.train(was_training)

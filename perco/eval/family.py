@@ -1,0 +1,171 @@
+"""Several rungs of one model family in one run: one table, shared latents, references once.
+
+``perco-eval checkpoint=RUNS rates=[r0.0019,r0.0098,r0.1250]`` evaluates each rung into
+``<output_dir>/<rate>/`` as a single-rung run would, sharing the images' autoencoder
+latents between rungs with the same autoencoder. The reference rows are measured once:
+the autoencoder ceiling and JPEG with the first rung, the shuffled-index control with the
+last (top) rung. It then writes ``summary.md`` and ``summary.json`` (one row per rung and
+reference, per-image encode and decode times) and ``grid.png`` (the original, each rung,
+the references) in ``<output_dir>``; ``perco-eval preset=tiny_taef2`` is the small real
+model's table in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write, save_image
+from ..models.perco import PerCo
+from ..timing import machine_load, repeat
+from .metrics import table_columns
+from .references import CONTROL
+from .results import jpeg_series
+from .runner import LatentCache, evaluate
+from .settings import Backbones, EvalSettings
+
+__all__ = ["evaluate_family", "time_codec", "markdown_table"]
+
+
+def time_codec(model: PerCo, image: torch.Tensor, steps: int | None, repeats: int) -> dict:
+    """Encode and decode one image: median (fastest–slowest) of ``repeats`` runs after a
+    warm-up; with and without CFG only for a model that has text to guide with."""
+    steps = steps or model.default_steps
+    with torch.no_grad():
+        encoded = model.encode(image)
+        out = {"encode s": repeat(lambda: model.encode(image), repeats)}
+        modes = ("none", "text") if model.config.text else ("none",)
+        for guidance in modes:
+            key = f"decode s ({steps} steps{', cfg ' + guidance if len(modes) > 1 else ''})"
+            out[key] = repeat(lambda g=guidance: model.decode(encoded, steps=steps, guidance=g),
+                              repeats)  # fmt: skip
+    return out
+
+
+def markdown_table(rows: dict[str, dict], columns: list[str]) -> str:
+    """One markdown row per entry of ``rows``, ``-`` where a value is missing."""
+    lines = ["| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in rows.items():
+        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else "-" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_family(
+    models: dict[str, PerCo],
+    data,
+    settings: EvalSettings,
+    backbones: Backbones,
+    out_dir: str | Path,
+    name: str,
+    timing_repeats: int = 0,
+) -> dict | None:
+    """Evaluate ``models`` (``{rate: model}``, lowest rung first) and write the family's
+    summary; the main process returns it."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    loaded = machine_load()  # before this run loads the machine itself
+    start = time.perf_counter()
+    out, cache, docs = Path(out_dir), LatentCache(), {}
+    rates = list(models)
+    for i, (rate, model) in enumerate(models.items()):
+        rung = replace(
+            settings,
+            ceiling=settings.ceiling and i == 0,
+            jpeg=list(settings.jpeg) if i == 0 else [],
+            control=settings.control and i == len(models) - 1,
+        )
+        docs[rate] = evaluate(model, data, rung, backbones, out / rate, name, cache)
+    if not state.is_main_process:
+        return None
+    eval_s = time.perf_counter() - start
+
+    steps = docs[rates[0]]["results"]["steps"][0]
+    rows = {}
+    for rate in rates:
+        res = docs[rate]["results"]
+        rows[f"{name} {rate}"] = {k: v[0] for k, v in res.items()}
+    first, top = docs[rates[0]], docs[rates[-1]]
+    if "autoencoder_ceiling" in first:
+        rows["autoencoder alone (ceiling)"] = first["autoencoder_ceiling"]
+    for q in settings.jpeg:
+        rows[f"JPEG quality {q} (Pillow)"] = first["references"][jpeg_series(q)]
+    control = top.get("references", {}).get(CONTROL)
+    if control:  # (an image alone in its size has no donor: no control without a pair)
+        rows[f"control: {rates[-1]} from shuffled z_l ({control['images']} images)"] = control
+    columns = ["bpp_file", "bpp_payload", *table_columns(), "fid", "kid", "miou"]
+    columns = [c for c in columns if any(isinstance(r.get(c), float) for r in rows.values())]
+
+    image = data[0]["image"][None]
+    timing = {}
+    if timing_repeats:
+        for rate, model in models.items():
+            timing[rate] = time_codec(model, image.to(model.device), steps, timing_repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    first_model = models[rates[0]]
+    lines = [
+        f"{data.name} ({len(data)} images, {first['protocol']['transform']}), {steps} steps, "
+        f"guidance {first['protocol']['guidance']}",
+        "",
+        markdown_table(rows, columns),
+    ]
+    if timing:
+        h, w = image.shape[-2:]
+        threads = f"{torch.get_num_threads()} CPU threads" if first_model.device.type == "cpu" \
+            else str(first_model.device)  # fmt: skip
+        lines += ["", f"time per {w}×{h} image on {threads}: median (fastest–slowest) of "
+                  f"{timing_repeats} runs after a warm-up"]  # fmt: skip
+        if loaded:
+            lines.append(f"warning: {loaded}; these times are not the machine's own")
+        cols = list(next(iter(timing.values())))
+        lines += ["| rate | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += [f"| {r} | " + " | ".join(str(t[c]) for c in cols) + " |"
+                  for r, t in timing.items()]  # fmt: skip
+    lines += ["", f"evaluation wall-clock {eval_s / 60:.1f} min; peak memory {peak:.2f} GB"]
+    departures = sorted({d for doc in docs.values() for d in doc["departures_from_paper"]})
+    if departures:
+        lines += ["", "departures from the paper's protocol:", *(f"- {d}" for d in departures)]
+
+    grid = _grid(data, out, docs, rates, settings, steps)
+    if grid is not None:
+        save_image(grid, out / "grid.png")
+        lines.append(f"\ngrid: {out / 'grid.png'} (rows: images; columns: original, "
+                     f"{', '.join(rates)}{', control' if control else ''})")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    summary = {
+        "name": name,
+        "rates": rates,
+        "rows": rows,
+        "timing": {r: {k: str(v) for k, v in t.items()} for r, t in timing.items()},
+        "machine_load": loaded,
+        "evaluation_s": eval_s,
+        "peak_memory_gb": peak,
+        "results": {rate: str(out / rate / "results.json") for rate in rates},
+    }
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    doc = json.dumps(summary, indent=1, allow_nan=True)
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(doc))
+    print("\n" + text)
+    return summary
+
+
+def _grid(data, out: Path, docs: dict, rates: list[str], settings: EvalSettings, steps):
+    """Original, each rung (with its bpp) and the control, for the first images."""
+    from ..plot import reconstruction_grid
+
+    folders = [out / rate / "reconstructions" / f"steps={steps}" for rate in rates]
+    labels = ["original"] + [
+        f"{rate}\n{docs[rate]['results']['bpp'][0]:.4f} bpp" for rate in rates
+    ]
+    if (out / rates[-1] / "reconstructions" / CONTROL).is_dir():
+        folders.append(out / rates[-1] / "reconstructions" / CONTROL)
+        labels.append(f"control: {rates[-1]}\nwith shuffled z_l")
+    ids = [it.id for it in data.items[: settings.grid_images]]
+    return reconstruction_grid(data, folders, ids, height=160, columns=labels)

@@ -1,0 +1,45 @@
+"""One way to name a model everywhere: :func:`load_model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .perco import PerCo
+from .serialization import CONFIG_NAME
+
+__all__ = ["load_model", "TINY"]
+
+TINY = "tiny"
+
+
+def load_model(spec: str, rate: str | None = None) -> PerCo:
+    """A PerCo in eval mode from ``spec``: a saved model folder, a training run or sweep
+    folder holding it in ``model/``, ``<rate>/`` or ``<rate>/model/`` (the layout
+    ``perco-train`` writes), a hub id, or ``"tiny"`` (the random test-size model of
+    :mod:`perco.testing`, for trying the codec offline). ``rate`` picks the rung of a
+    sweep folder and is checked against the model's."""
+    if spec == TINY:
+        from ..testing import tiny_perco
+
+        return tiny_perco(rate or "r0.0019").eval()
+    path = Path(spec)
+    if path.is_dir():
+        candidates = [path, path / "model"]
+        if rate:
+            candidates += [path / rate, path / rate / "model"]
+        found = next((c for c in candidates if (c / CONFIG_NAME).is_file()), None)
+        if found is None:
+            where = ", ".join(str(c.relative_to(path)) for c in candidates)
+            raise FileNotFoundError(f"{spec}: no {CONFIG_NAME} in {where}")
+        path = found
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(spec))
+        except Exception as e:  # offline, unknown repo, ...: one line, not a traceback
+            raise FileNotFoundError(f"cannot fetch model {spec!r}: {type(e).__name__}") from e
+    model = PerCo.from_pretrained(path).eval()
+    if rate and model.rate.name != rate:
+        raise ValueError(f"model {spec} is at {model.rate.name}, not {rate}")
+    return model

@@ -1,0 +1,129 @@
+"""Saving and loading PerCo model folders, and the registry of model variants.
+
+A folder holds one subfolder per component (``autoencoder/``, ``hyper_encoder/``,
+``quantizer/``, ``unet/``, ``text_encoder/``, ``null_text/``, ``tokenizer/``,
+``scheduler/`` and a variant's own) and ``perco.json``: the :class:`PerCoConfig`, the
+variant name (which class :func:`load` builds), the autoencoder and scheduler classes,
+and the model fingerprint that files carry.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from .autoencoders import load_autoencoder
+from .config import PerCoConfig
+from .text import check_tokenizer
+
+__all__ = ["CONFIG_NAME", "VARIANTS", "variant_class", "save", "load"]
+
+CONFIG_NAME = "perco.json"
+# model variants by the name ``perco.json`` records: :func:`load` builds the right one
+VARIANTS = {
+    "perco": "perco.models.perco:PerCo",
+    "perco_image": "perco.models.perco_image:PerCoImage",
+    "sprdiff_style": "perco.models.sprdiff:SPRDiffStyle",
+}
+
+
+def variant_class(variant: str) -> type:
+    """The model class of a variant name (a key of :data:`VARIANTS`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+    module, _, name = VARIANTS[variant].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+
+def save(model, path: str | os.PathLike) -> None:
+    """Write ``model`` as a folder: one subfolder per component (safetensors) and
+    ``perco.json`` (its config, variant, autoencoder class, scheduler class, fingerprint).
+
+    The folder is written beside ``path`` and renamed into place, so an existing
+    checkpoint is replaced whole or not at all.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.autoencoder.save_pretrained(tmp / "autoencoder")
+        for name in model._MODULES:
+            module = getattr(model, name)
+            if name == "unet" and model.has_lora:
+                # a plain U-Net with the adapters merged in, loadable anywhere
+                module = copy.deepcopy(module)
+                module.fuse_lora()
+                module.unload_lora()
+            module.save_pretrained(tmp / name)
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        model.scheduler.save_pretrained(tmp / "scheduler")
+        model._fingerprint = None
+        config = {
+            **model.config.to_dict(),
+            "variant": model.variant,
+            "autoencoder": model.autoencoder.name,
+            "scheduler_class": type(model.scheduler).__name__,
+            "fingerprint": model.fingerprint.hex(),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None):
+    """Load a folder written by :func:`save` as the variant it records, which must be
+    ``cls`` or a subclass of it."""
+    import diffusers
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a PerCo checkpoint (no {CONFIG_NAME})")
+    raw = json.loads(config_file.read_text())
+    variant = raw.pop("variant", "perco")
+    if variant not in VARIANTS:
+        raise ValueError(f"{path} holds an unknown model variant {variant!r}")
+    found = variant_class(variant)
+    if not issubclass(found, cls):
+        raise ValueError(f"{path} holds a {variant} model, not a {cls.__name__}")
+    cls = found
+    scheduler_class = getattr(diffusers, raw.pop("scheduler_class"))
+    autoencoder = raw.pop("autoencoder")
+    stored_fingerprint = raw.pop("fingerprint", None)
+    config = PerCoConfig(**raw)
+    dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    check_tokenizer(tokenizer, str(path / "tokenizer"))
+    modules = {}
+    for name, module_class in cls._MODULES.items():
+        module_class = module_class or AutoModel  # None: the text encoder
+        dtype = dtype_kw if module_class in (UNet2DConditionModel, AutoModel) else {}
+        modules[name] = module_class.from_pretrained(path / name, **dtype)
+    model = cls(
+        autoencoder=load_autoencoder(autoencoder, path / "autoencoder", **dtype_kw),
+        tokenizer=tokenizer,
+        scheduler=scheduler_class.from_pretrained(path / "scheduler"),
+        config=config,
+        **modules,
+    )
+    if stored_fingerprint is not None:
+        model._fingerprint = bytes.fromhex(stored_fingerprint)
+    return model
