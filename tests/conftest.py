@@ -16,6 +16,9 @@ HAS_COMPRESSAI = importlib.util.find_spec("compressai") is not None
 NEEDS_COMPRESSAI = "needs the sprdiff extra (CompressAI pins numpy<2): pip install -e '.[sprdiff]'"
 ASSETS = Path(os.environ.get("PERCO_ASSETS", ROOT.parent / "shared" / "assets"))
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: each worker its share of cores
+    torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_addoption(parser):
     parser.addoption(

@@ -33,8 +33,8 @@ def photos(tmp_path):
     return folder
 
 
-def config(photos, out, *extra):
-    overrides = [
+def config_overrides(photos, out, *extra) -> list[str]:
+    return [
         "dataset=folder",
         f"dataset.root={photos}",
         f"dataset.captions={photos / 'captions.tsv'}",
@@ -46,8 +46,11 @@ def config(photos, out, *extra):
         "eval.grid_images=2",
         *extra,
     ]
+
+
+def config(photos, out, *extra):
     with initialize_config_dir(CONFIGS, version_base="1.3"):
-        return compose("eval", overrides=overrides)
+        return compose("eval", overrides=config_overrides(photos, out, *extra))
 
 
 def assert_close(a: dict, b: dict) -> None:
@@ -397,3 +400,26 @@ def test_a_backbone_that_cannot_load_is_one_line_naming_the_offline_preset(photo
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("perco-eval: error: cannot load the LPIPS alex backbone")
     assert "metrics=offline" in last
+
+
+def test_a_registered_metric_reaches_the_csv_json_table_and_plot(photos, tmp_path, assets):
+    """One registry entry, named through `imports=`, and it is everywhere."""
+    module = tmp_path / "my_metrics.py"
+    module.write_text(
+        "from perco.eval import Metric, register\n"
+        "register(Metric('l1', lambda b: {'l1': (b.x - b.y).abs().mean((1, 2, 3))}))\n"
+    )
+    out = tmp_path / "eval"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    cmd = [perco_eval_cli(), *config_overrides(photos, out), "imports=[my_metrics]"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = out / "r0.0019"
+    rows = list(csv.DictReader((folder / "per_image.csv").open()))
+    assert all(float(r["l1"]) > 0 for r in rows)  # every series, the ceiling too
+    doc = json.loads((folder / "results.json").read_text())
+    steps = [float(r["l1"]) for r in rows if r["series"] == "steps=2"]
+    assert doc["results"]["l1"] == [pytest.approx(sum(steps) / len(steps))]
+    header = next(line for line in done.stdout.splitlines() if line.startswith("series"))
+    assert "l1" in header.split()  # a column of the printed table
+    assert plot_main([str(folder), "-o", str(tmp_path / "l1.png"), "--metrics", "l1"]) == 0

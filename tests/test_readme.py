@@ -11,6 +11,10 @@ Each ```bash block of README.md is preceded by ``<!-- readme-test: KIND -->``:
 - ``gpu``: checked, not run: Hydra commands compose (one job of a sweep), other commands accept
   their options (each ``--option`` appears in ``--help``).
 - ``install``: package installs, which ``.ci/run`` itself performs as the README says.
+
+Commands of the SPRDiff-style model need the ``sprdiff`` extra (CompressAI pins
+numpy<2, so the default environment goes without it): without it they are left out of
+the run in order, and :func:`test_the_sprdiff_commands_run` (``-m sprdiff``) runs them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS, ROOT
+from conftest import ASSETS, HAS_COMPRESSAI, NEEDS_COMPRESSAI, ROOT
 from hydra import compose, initialize_config_dir
 
 from perco import CONFIG_DIR
@@ -34,7 +38,7 @@ from perco import CONFIG_DIR
 BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\n```bash\n(.*?)```", re.S)
 BIN = Path(sys.executable).parent
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
-HYDRA = {"perco-train": "perco.train.cli", "perco-eval": "perco.evaluate"}
+HYDRA = {"perco-train": "perco.train.cli", "perco-eval": "perco.eval"}
 SLURM = importlib.util.find_spec("hydra_plugins") is not None and (
     importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 )
@@ -75,12 +79,15 @@ def shrink(argv: list[str], photos: Path, tmp: Path) -> list[str]:
             argv += ["trainer.codebook_fit_samples=64", "model.image_quantizer.codebook_size=16"]
         return argv
     if name == "perco-eval":
-        return [*argv, "eval.limit=2"]
-    if argv[:2] == ["python", "scripts/bench_tiny.py"]:
-        return [*argv, "--limit", "2", "--repeats", "1"]
+        return [*argv, "eval.limit=2", "eval.timing_repeats=1"]
     if argv[:2] == ["python", "scripts/bench_variants.py"]:
-        return [*(a if a != "8" else "1" for a in argv)]
+        argv = [*(a if a != "8" else "1" for a in argv)]
+        return argv if HAS_COMPRESSAI else [*argv, "--models", "PerCo", "PerCo-Image"]
     return argv
+
+
+def needs_compressai(argv: list[str]) -> bool:
+    return any("sprdiff" in a for a in argv)
 
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -106,6 +113,9 @@ def test_the_cpu_blocks_run_in_order(assets, tmp_path):
     seconds = {}
     for block in blocks("cpu"):
         for argv in block:
+            if needs_compressai(argv) and not HAS_COMPRESSAI:
+                print(f"left out ({NEEDS_COMPRESSAI}): {shlex.join(argv)}")
+                continue
             command = shrink(argv, photos, tmp_path)
             start = time.perf_counter()
             done = run(command, work)
@@ -114,7 +124,7 @@ def test_the_cpu_blocks_run_in_order(assets, tmp_path):
     for command, s in seconds.items():  # shown with -rP
         print(f"{s:6.1f} s  {command}")
     assert (work / "outputs" / "recon" / "kodim23.png").is_file()
-    assert (work / "outputs" / "bench_tiny" / "grid.png").is_file()
+    assert (work / "runs" / "eval" / "kodak" / "tiny_taef2" / "grid.png").is_file()
     assert (work / "outputs" / "kodak.png").is_file()
 
 
@@ -144,6 +154,32 @@ def _one_job(overrides: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.sprdiff
+def test_the_sprdiff_commands_run(assets, tmp_path):
+    """The README's SPRDiff-style commands, shrunk, after the main job's training they
+    build on: run in the step of CI that installs the ``sprdiff`` extra."""
+    pytest.importorskip("compressai", reason=NEEDS_COMPRESSAI)
+    work = tmp_path / "clone"
+    work.mkdir()
+    (work / "scripts").symlink_to(ROOT / "scripts")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
+        (photos / p.name).symlink_to(p.resolve())
+    commands = [c for b in blocks("cpu") for c in b]
+    main_job = next(c for c in commands if c[:3] == ["perco-train", "-m", "experiment=tiny_taef2"])
+    sprdiff = [c for c in commands if needs_compressai(c)]
+    assert sprdiff, "the README has no SPRDiff-style command"
+    sprdiff += [c for c in commands if c[:2] == ["python", "scripts/bench_variants.py"]]
+    for argv in [main_job, *sprdiff]:
+        command = shrink(argv, photos, tmp_path)
+        if command[:2] == ["python", "scripts/bench_variants.py"]:
+            command += ["--models", "PerCo", "SPRDiff-style"]
+        done = run(command, work)
+        assert done.returncode == 0, f"{shlex.join(command)}\n{done.stderr[-3000:]}"
+
+
+@pytest.mark.slow
 def test_the_gpu_blocks_compose_and_parse():
     checked = 0
     for block in blocks("gpu"):
@@ -153,7 +189,7 @@ def test_the_gpu_blocks_compose_and_parse():
                 module, overrides = hydra
                 if any("hydra/launcher=slurm" in o for o in overrides) and not SLURM:
                     continue  # needs perco[slurm]; test_slurm_launcher_config_composes
-                name = {"perco.train.cli": "train", "perco.evaluate": "eval"}[module]
+                name = {"perco.train.cli": "train", "perco.eval": "eval"}[module]
                 with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
                     compose(name, overrides=_one_job(overrides), return_hydra_config=True)
             else:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def run(cfg) -> dict | None:
     from .family import evaluate_family
     from .runner import evaluate
 
+    for module in cfg.get("imports") or []:  # e.g. perco.eval.register(...) calls
+        importlib.import_module(module)
     state = PartialState()
     device = torch.device(cfg.device) if cfg.device else state.device
     ds = cfg.dataset

@@ -11,6 +11,9 @@ with :func:`register`::
 
     register(Metric("l1", lambda batch: {"l1": (batch.x - batch.y).abs().mean((1, 2, 3))}))
 
+From the command line, put the call in a module and name it: ``perco-eval
+imports=[my_metrics] ...``.
+
 Dataset-level scores (FID/KID from per-image features, mIoU from per-image counts) are
 computed from per-image caches too, in :mod:`perco.eval.results`.
 """
