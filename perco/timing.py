@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StageTimer", "Timing", "repeat", "machine_load"]
+__all__ = ["StageTimer", "Timing", "repeat", "OtherLoad", "machine_load"]
 
 
 class StageTimer:
@@ -84,10 +84,52 @@ def repeat(fn, repeats: int = 5, warmup: int = 1) -> Timing:
     return Timing(statistics.median(seconds), min(seconds), max(seconds), repeats)
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux ``/proc/stat``:
+    every state but idle and iowait), or ``None`` elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How many cores *other* processes kept busy during a ``with`` block: the machine's
+    busy CPU time minus this process's own, per second of wall time. Unlike the load
+    average, it does not count this process's own earlier work (a benchmark that follows
+    training would otherwise always look loaded). ``cores`` is ``None`` where the machine's
+    CPU time cannot be read (not Linux)."""
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (_busy_cpu_seconds(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own, wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        if busy is not None and self._start[0] is not None:
+            elapsed = max(wall - self._start[2], 1e-9)
+            others = (busy - self._start[0]) - (own - self._start[1])
+            self.cores = max(others, 0.0) / elapsed
+
+    def warning(self, threshold: float = 0.5) -> str | None:
+        """A sentence when others used at least ``threshold`` cores, else ``None``."""
+        if self.cores is None or self.cores < threshold:
+            return None
+        return (f"other processes kept {self.cores:.1f} of {os.cpu_count()} cores busy "
+                "while timing")  # fmt: skip
+
+
 def machine_load() -> str | None:
     """A warning when other work shares the CPU (1-minute load average at or above half
     the cores): timings taken then are not the machine's own. Call it before the caller's
-    own work, which the load average would count too."""
+    own work, which the load average would count too; where it can, prefer
+    :class:`OtherLoad` around the timing itself."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load >= cores / 2:
         return f"the machine was loaded (1-min load average {load:.1f} on {cores} cores)"

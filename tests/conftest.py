@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,14 @@ ASSETS = Path(os.environ.get("PERCO_ASSETS", ROOT.parent / "shared" / "assets"))
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: each worker its share of cores
     torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def entry_point(name: str) -> str:
+    """An installed command (``perco-eval``, ``accelerate``, ...) of the environment of
+    this interpreter, not whatever ``PATH`` finds first."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert found, f"{name} is not installed next to {sys.executable}"
+    return found
 
 
 def pytest_addoption(parser):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
+import pytest
 from conftest import ROOT
 
 
@@ -75,3 +77,24 @@ def test_repeated_timing_warms_up_and_reports_median_and_spread(monkeypatch):
     assert "loaded" in timing.machine_load()
     monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
     assert timing.machine_load() is None
+
+
+def test_other_load_counts_other_processes_not_this_one():
+    from perco import timing
+
+    with timing.OtherLoad() as alone:  # this process's own work is not "other load"
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            pass
+    if alone.cores is None:
+        pytest.skip("the machine's CPU time is not readable here (/proc/stat)")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start
+        with timing.OtherLoad() as shared:
+            time.sleep(1.0)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert shared.cores >= 0.5 and "cores busy while timing" in shared.warning()
+    assert shared.cores >= alone.cores + 0.3

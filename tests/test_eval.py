@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import entry_point
 from hydra import compose, initialize_config_dir
 
 from perco import CONFIG_DIR
@@ -337,10 +338,7 @@ def test_coco_evaluation_with_clip_and_segmenter_stand_ins(assets, tmp_path):
 
 
 def perco_eval_cli():
-    """The installed ``perco-eval`` of this interpreter's environment."""
-    import shutil
-
-    return shutil.which("perco-eval", path=os.path.dirname(sys.executable))
+    return entry_point("perco-eval")
 
 
 @pytest.mark.slow
@@ -376,7 +374,7 @@ def test_the_cli_takes_a_checkpoint_a_rate_sweep_and_accelerate_launch(photos, t
     )
     for rate in ("r0.0019", "r0.0059"):
         assert (tmp_path / "sweep" / rate / "results.json").is_file()
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    accelerate = entry_point("accelerate")
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "perco.eval"]
     perco_eval(*common, "rate=r0.0019", f"output_dir={tmp_path / 'two'}", launcher=launch)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import time
 
 import pytest
 import torch
+from conftest import entry_point
 from test_shards import SIZES, write_unequal_shards
 from test_train import _weights, compose_train, tiny_overrides
 
@@ -84,7 +84,7 @@ def test_accelerate_launch_as_the_readme_spells_it(shards, tmp_path):
         *("accelerate", "launch", "--multi_gpu", "--num_processes", "2"),
         *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
     ]
-    launch[0] = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    launch[0] = entry_point("accelerate")
     run([*launch, "-m", "perco.train.cli", *overrides])
     summary = json.loads((run_dir(tmp_path) / "summary.json").read_text())
     assert summary["ranks_in_sync"] is True and summary["steps"] == STEPS_PER_EPOCH

@@ -22,7 +22,7 @@ import torch
 
 from ..io import atomic_write, save_image
 from ..models.perco import PerCo
-from ..timing import machine_load, repeat
+from ..timing import OtherLoad, machine_load, repeat
 from .metrics import table_columns
 from .references import CONTROL
 from .results import jpeg_series
@@ -70,7 +70,7 @@ def evaluate_family(
     from accelerate import PartialState
 
     state = PartialState()
-    loaded = machine_load()  # before this run loads the machine itself
+    loaded = machine_load()  # before this run loads the machine; replaced where measurable
     start = time.perf_counter()
     out, cache, docs = Path(out_dir), LatentCache(), {}
     rates = list(models)
@@ -104,9 +104,12 @@ def evaluate_family(
 
     image = data[0]["image"][None]
     timing = {}
-    if timing_repeats:
+    with OtherLoad() as others:
         for rate, model in models.items():
-            timing[rate] = time_codec(model, image.to(model.device), steps, timing_repeats)
+            if timing_repeats:
+                timing[rate] = time_codec(model, image.to(model.device), steps, timing_repeats)
+    if others.cores is not None:  # measured during the timing itself, not before the run
+        loaded = others.warning()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     first_model = models[rates[0]]
@@ -145,6 +148,7 @@ def evaluate_family(
         "rows": rows,
         "timing": {r: {k: str(v) for k, v in t.items()} for r, t in timing.items()},
         "machine_load": loaded,
+        "other_processes_cores_while_timing": others.cores if timing else None,
         "evaluation_s": eval_s,
         "peak_memory_gb": peak,
         "results": {rate: str(out / rate / "results.json") for rate in rates},
