@@ -421,3 +421,37 @@ def test_a_registered_metric_reaches_the_csv_json_table_and_plot(photos, tmp_pat
     header = next(line for line in done.stdout.splitlines() if line.startswith("series"))
     assert "l1" in header.split()  # a column of the printed table
     assert plot_main([str(folder), "-o", str(tmp_path / "l1.png"), "--metrics", "l1"]) == 0
+
+
+def test_several_rungs_in_one_table_with_references_once(photos, tmp_path, assets):
+    """rates=[...]: each rung as a single run would write it, one summary table, the
+    ceiling and JPEG with the first rung, the control with the top one, timing."""
+    from perco.eval import LatentCache
+    from perco.testing import tiny_perco
+
+    runs = tmp_path / "runs"
+    models = {rate: tiny_perco(rate).eval() for rate in ("r0.0019", "r0.0059")}
+    for rate, model in models.items():
+        model.save_pretrained(runs / rate / "model")
+    key = {LatentCache.autoencoder_key(m) for m in models.values()}
+    assert len(key) == 1  # same autoencoder: the rungs share their latents
+
+    out = tmp_path / "eval"
+    extra = ["rates=[r0.0019,r0.0059]", "eval.jpeg=[5]", "eval.control=true"]
+    summary = run(config(photos, out, f"checkpoint={runs}", *extra, "eval.timing_repeats=1"))
+    rows = summary["rows"]
+    assert list(rows) == [
+        "perco r0.0019", "perco r0.0059", "autoencoder alone (ceiling)",
+        "JPEG quality 5 (Pillow)", "control: r0.0059 from shuffled z_l (2 images)",
+    ]  # fmt: skip
+    assert rows["JPEG quality 5 (Pillow)"]["bpp_file"] > 0
+    series = {rate: {r["series"] for r in csv.DictReader((out / rate / "per_image.csv").open())}
+              for rate in models}  # fmt: skip
+    assert series == {"r0.0019": {"steps=2", "autoencoder", "jpeg q=5"},
+                      "r0.0059": {"steps=2", "control"}}  # fmt: skip
+    control = [r for r in csv.DictReader((out / "r0.0059" / "per_image.csv").open())
+               if r["series"] == "control"]  # fmt: skip
+    assert sorted(r["id"] for r in control) == ["p0", "p2"]  # p1 is alone in its size
+    assert set(summary["timing"]) == set(models)
+    text = (out / "summary.md").read_text()
+    assert "| perco r0.0059 |" in text and (out / "grid.png").is_file()

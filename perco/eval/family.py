@@ -88,9 +88,11 @@ def evaluate_family(
 
     steps = docs[rates[0]]["results"]["steps"][0]
     rows = {}
-    for rate in rates:
+    for rate in rates:  # one row per rung, or per rung and step count
         res = docs[rate]["results"]
-        rows[f"{name} {rate}"] = {k: v[0] for k, v in res.items()}
+        for i, n in enumerate(res["steps"]):
+            label = f"{name} {rate}" + (f" ({n} steps)" if len(res["steps"]) > 1 else "")
+            rows[label] = {k: v[i] for k, v in res.items()}
     first, top = docs[rates[0]], docs[rates[-1]]
     if "autoencoder_ceiling" in first:
         rows["autoencoder alone (ceiling)"] = first["autoencoder_ceiling"]
@@ -103,10 +105,10 @@ def evaluate_family(
     columns = [c for c in columns if any(isinstance(r.get(c), float) for r in rows.values())]
 
     image = data[0]["image"][None]
-    timing = {}
-    with OtherLoad() as others:
-        for rate, model in models.items():
-            if timing_repeats:
+    timing, others = {}, OtherLoad()
+    if timing_repeats:
+        with others:
+            for rate, model in models.items():
                 timing[rate] = time_codec(model, image.to(model.device), steps, timing_repeats)
     if others.cores is not None:  # measured during the timing itself, not before the run
         loaded = others.warning()
@@ -114,7 +116,8 @@ def evaluate_family(
 
     first_model = models[rates[0]]
     lines = [
-        f"{data.name} ({len(data)} images, {first['protocol']['transform']}), {steps} steps, "
+        f"{data.name} ({len(data)} images, {first['protocol']['transform']}), "
+        f"steps {', '.join(map(str, first['results']['steps']))}, "
         f"guidance {first['protocol']['guidance']}",
         "",
         markdown_table(rows, columns),
@@ -148,7 +151,7 @@ def evaluate_family(
         "rows": rows,
         "timing": {r: {k: str(v) for k, v in t.items()} for r, t in timing.items()},
         "machine_load": loaded,
-        "other_processes_cores_while_timing": others.cores if timing else None,
+        "other_processes_cores_while_timing": others.cores,
         "evaluation_s": eval_s,
         "peak_memory_gb": peak,
         "results": {rate: str(out / rate / "results.json") for rate in rates},
