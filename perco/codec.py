@@ -124,6 +124,8 @@ def decompress(
     ``coarse``: the SPRDiff-style model's coarse reconstructions instead (no diffusion).
     ``timestep_spacing`` replaces the model's for this decode (see :meth:`PerCo.decode`).
     """
+    if coarse and not model.capabilities & Capability.COARSE:
+        raise ValueError(f"a {model.variant} model has no coarse reconstruction")
     groups: dict[tuple[int, int], list[_Item]] = defaultdict(list)
     for i, image in enumerate(images):
         groups[model.padded_size(*image.size)].append(_Item(i, image))
@@ -146,8 +148,6 @@ def decompress(
                 global_codes=None if codes[0] is None else torch.as_tensor(np.stack(codes)),
             )
             generators = [torch.Generator().manual_seed(it.image.seed) for it in batch]
-            if coarse and not model.capabilities & Capability.COARSE:
-                raise ValueError(f"a {model.variant} model has no coarse reconstruction")
             decoded = (
                 model.coarse(encoded)
                 if coarse

@@ -99,8 +99,9 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           timeout=1200)  # fmt: skip
 
 
-@pytest.mark.slow
-def test_the_cpu_blocks_run_in_order(assets, tmp_path):
+def scratch_clone(tmp_path: Path, assets: Path) -> tuple[Path, Path]:
+    """A folder laid out like a clone (``scripts/``, ``../shared/assets`` beside it) and
+    two BSDS500 training photos, the shrunk main job's training set."""
     work = tmp_path / "clone"
     work.mkdir()
     (work / "scripts").symlink_to(ROOT / "scripts")
@@ -110,6 +111,12 @@ def test_the_cpu_blocks_run_in_order(assets, tmp_path):
     photos.mkdir()
     for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
         (photos / p.name).symlink_to(p.resolve())
+    return work, photos
+
+
+@pytest.mark.slow
+def test_the_cpu_blocks_run_in_order(assets, tmp_path):
+    work, photos = scratch_clone(tmp_path, assets)
     seconds = {}
     for block in blocks("cpu"):
         for argv in block:
@@ -159,13 +166,7 @@ def test_the_sprdiff_commands_run(assets, tmp_path):
     """The README's SPRDiff-style commands, shrunk, after the main job's training they
     build on: run in the step of CI that installs the ``sprdiff`` extra."""
     pytest.importorskip("compressai", reason=NEEDS_COMPRESSAI)
-    work = tmp_path / "clone"
-    work.mkdir()
-    (work / "scripts").symlink_to(ROOT / "scripts")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
-        (photos / p.name).symlink_to(p.resolve())
+    work, photos = scratch_clone(tmp_path, assets)
     commands = [c for b in blocks("cpu") for c in b]
     main_job = next(c for c in commands if c[:3] == ["perco-train", "-m", "experiment=tiny_taef2"])
     sprdiff = [c for c in commands if needs_compressai(c)]

@@ -27,7 +27,7 @@ import torch
 
 from ..metrics import colour_stats, ms_ssim, psnr
 
-__all__ = ["Batch", "Metric", "METRICS", "register", "score", "table_columns"]
+__all__ = ["Batch", "Metric", "METRICS", "register", "compute", "score", "table_columns", "to_8bit"]
 
 
 @dataclass
@@ -97,6 +97,21 @@ for _metric in (
     register(_metric)
 
 
+def to_8bit(images: torch.Tensor) -> torch.Tensor:
+    """What a saved 8-bit PNG holds: every metric sees exactly that."""
+    return images.clamp(0, 1).mul(255).round().div(255)
+
+
+def compute(batch: Batch) -> dict[str, torch.Tensor]:
+    """Every registered metric that ``batch.backbones`` supports, on one batch:
+    ``{column: (B,) tensor}``."""
+    values = {}
+    for metric in METRICS.values():
+        if metric.available(batch.backbones):
+            values.update(metric.fn(batch))
+    return values
+
+
 def table_columns() -> list[str]:
     """The registered metrics' columns shown in printed tables, in registry order."""
     return [c for m in METRICS.values() for c in m.shown]
@@ -108,13 +123,10 @@ def score(originals, reconstructions, backbones, patch_size: int | None = 256) -
     (each ``(3, H, W)`` in ``[0, 1]``; reconstructions are rounded to 8 bits first)."""
     from ..metrics import fid_kid, hific_patches
 
-    metrics = [m for m in METRICS.values() if m.available(backbones)]
     rows, real, fake = [], [], []
     for x, y in zip(originals, reconstructions, strict=True):
-        x, y = x[None], y[None].clamp(0, 1).mul(255).round().div(255)
-        batch, values = Batch(x, y, backbones, [None]), {}
-        for metric in metrics:
-            values.update(metric.fn(batch))
+        x, y = x[None], to_8bit(y[None])
+        values = compute(Batch(x, y, backbones, [None]))
         rows.append({k: float(v[0]) for k, v in values.items()})
         if backbones.features is not None:
             if patch_size is not None:

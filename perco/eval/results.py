@@ -263,14 +263,11 @@ def table_rows(doc: dict) -> dict[str, dict]:
     return rows
 
 
-TABLE = ["bpp", "bpp_payload", "__metrics__", "fid", "kid", "miou", "diversity_lpips"]
-
-
 def format_table(doc: dict, columns: list[str] | None = None) -> str:
     """The results as a plain-text table: one line per series, then ceiling and references."""
     columns = columns or [
-        c for c in TABLE for c in (table_columns() if c == "__metrics__" else [c])
-    ]
+        "bpp", "bpp_payload", *table_columns(), "fid", "kid", "miou", "diversity_lpips"
+    ]  # fmt: skip
     rows = table_rows(doc)
     columns = [c for c in columns if any(c in r for r in rows.values())]
     lines = [f"{doc['description']}", f"{'series':<14}" + "".join(f"{c:>12}" for c in columns)]

@@ -29,7 +29,7 @@ from ..metrics import hific_patches
 from ..metrics.miou import intersections_unions
 from ..models.perco import PerCo
 from .cache import ImageResult, check_protocol, is_done, write_result
-from .metrics import METRICS, Batch
+from .metrics import Batch, compute, to_8bit
 from .references import CONTROL, jpeg, shuffle_pairs
 from .results import CEILING, jpeg_series, protocol, series_name, write_outputs
 from .settings import Backbones, EvalSettings
@@ -41,11 +41,6 @@ def reconstruction_seed(seed: int, image_id: str, sample: int) -> int:
     """The sampler seed of reconstruction ``sample`` of ``image_id`` (63 bits)."""
     digest = hashlib.sha256(f"{seed}/{image_id}/{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _quantize(images: torch.Tensor) -> torch.Tensor:
-    """What a saved 8-bit PNG holds: every metric sees exactly that."""
-    return images.clamp(0, 1).mul(255).round().div(255)
 
 
 class LatentCache(dict):
@@ -68,7 +63,6 @@ class _Evaluator:
         self.ae_key = LatentCache.autoencoder_key(model)
         self.keep = keep  # ids whose reconstructions are saved as PNG
         self.donors = donors  # control: {image index: donor index}
-        self.metrics = [m for m in METRICS.values() if m.available(backbones)]
         self.file_captions = {}
         self.captioner = None
         # a model trained without captions is given none (captions_for), so needs no source
@@ -115,9 +109,7 @@ class _Evaluator:
     def measure(self, x, y, scored, labels) -> tuple[list[dict], list]:
         """The registered per-image metrics and mIoU counts of reconstructions ``y``."""
         batch = Batch(x.to(self.device), y.to(self.device), self.b, scored)
-        values = {}
-        for metric in self.metrics:
-            values.update(metric.fn(batch))
+        values = compute(batch)
         rows = [{k: float(v[i]) for k, v in values.items()} for i in range(len(x))]
         counts = [None] * len(x)
         if self.b.segmenter is not None and any(lab is not None for lab in labels):
@@ -171,13 +163,13 @@ class _Evaluator:
         for steps in self.s.steps:
             series, samples = series_name(steps, self.model), []
             for k in range(self.s.samples):
-                y = _quantize(torch.stack(reconstruct(steps, k)).cpu())
+                y = to_8bit(torch.stack(reconstruct(steps, k)).cpu())
                 self._record(series, k, *record, rates, decoded, y=y)
                 samples.append(y)
             if len(samples) > 1:
                 self._diversity(series, samples, items, results)
         if self.s.ceiling:
-            y = _quantize(self.autoencode(z, x.shape[-2:]))
+            y = to_8bit(self.autoencode(z, x.shape[-2:]))
             self._record(CEILING, 0, *record, None, None, y=y)
         for quality in self.s.jpeg:
             decoded_jpeg, sizes = zip(*(jpeg(image, quality) for image in x), strict=True)
@@ -198,14 +190,13 @@ class _Evaluator:
         if not mine:
             return
         swapped = []
-        for i in mine:
+        for i in mine:  # the donor's indices, as its own file would carry them
             donor = self.data[self.donors[indices[i]]]
-            image = donor["image"][None]
+            image = donor["image"][None].to(self.device)
             z = self.latents([donor["id"]], image)
-            ((data, _),) = codec.compress(self.model, image.to(self.device), latents=z)
-            indices_of_donor = codec.parse(self.model, data)[0].indices
-            swapped.append(replace(parsed[i], indices=indices_of_donor))
-        y = _quantize(torch.stack(codec.decompress(
+            coded = self.model.encode(image, latents=z).indices[0].cpu().numpy()
+            swapped.append(replace(parsed[i], indices=coded))
+        y = to_8bit(torch.stack(codec.decompress(
             self.model, swapped, batch_size=self.s.batch_size,
             **self._decode_options(self.s.steps[0]),
         )).cpu())  # fmt: skip
