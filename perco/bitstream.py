@@ -34,6 +34,21 @@ file; the default header is 8 bytes. Format version 1, byte by byte (big-endian)
                 codes of the image embedding instead, packed like the indices
                 (``ceil(M·log2 V)`` bits; ``M`` and ``V`` are the decoding model's)
 
+Format version 2 is version 1 with the indices coded by the decoding model's learned
+index prior (:class:`perco.models.index_prior.ContextPrior`) instead of packed::
+
+    payload:
+      length    unsigned LEB128 varint: bytes of the index stream; present only when a
+                caption or image-embedding codes follow (otherwise the stream is the
+                rest of the file)
+      indices   the prior's range-coded stream: the kept share of the hybrid mode
+                first, then the indices in the prior's coding order
+      caption   as in version 1
+
+A writer uses version 1 whenever the indices are packed uniformly, so a model without a
+prior writes exactly the files it always wrote. The model fingerprint covers the prior,
+so a file is only read with the prior that coded it.
+
 Rate ids index :data:`perco.rates.RATES` in table order (0 = r0.0019 ... 7 = r0.1250);
 rungs added later get the next ids; 15 means "the decoding model's own custom rate".
 The hyper-latent size follows from the image size, the rate and the model's autoencoder
@@ -88,7 +103,8 @@ __all__ = [
 ]
 
 MAGIC = 0xA7
-VERSION = 1
+VERSION = 2  # the newest version this module reads and writes
+UNIFORM_VERSION, PRIOR_VERSION = 1, 2  # indices packed uniformly / coded by a learned prior
 HEADER_BYTES = 8  # without optional fields
 DEFAULT_SEED = 0
 CUSTOM_RATE_ID = 15
@@ -176,6 +192,8 @@ class CompressedImage:
         seed: the sampler seed the decoder should use.
         global_codes: ``(M,)`` product-quantizer codes of the image embedding that
             replaces the caption (PerCo-Image), or ``None``.
+        keep: share of the indices transmitted (hybrid mode, learned prior only; 64ths);
+            the decoder draws the others from the prior with ``seed``.
     """
 
     indices: np.ndarray
@@ -184,6 +202,7 @@ class CompressedImage:
     rate: Rate
     seed: int = DEFAULT_SEED
     global_codes: np.ndarray | None = None
+    keep: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -205,7 +224,8 @@ class Breakdown:
     """Where the bytes of a file go. All bit counts are exact.
 
     ``bpp_file`` = 8 · file bytes / (H·W); ``bpp_payload`` = (index + caption bits) /
-    (H·W), the paper's definition.
+    (H·W), the paper's definition. ``bpp_uniform``: what the file would weigh with its
+    indices packed uniformly (version 1), the rate curves of the paper are drawn with.
     """
 
     size: tuple[int, int]
@@ -215,6 +235,9 @@ class Breakdown:
     padding_bits: int
     caption_bits: int
     caption_codec: str
+    index_coding: str = "uniform"
+    uniform_file_bytes: int | None = None  # None: the file is uniformly coded
+    uniform_index_bits: int | None = None  # log2 V bits per index (None: = index_bits)
 
     @property
     def pixels(self) -> int:
@@ -228,6 +251,11 @@ class Breakdown:
     def bpp_payload(self) -> float:
         return (self.index_bits + self.caption_bits) / self.pixels
 
+    @property
+    def bpp_uniform(self) -> float:
+        uniform = self.file_bytes if self.uniform_file_bytes is None else self.uniform_file_bytes
+        return 8 * uniform / self.pixels
+
     def to_dict(self) -> dict:
         return {
             "height": self.size[0],
@@ -240,6 +268,11 @@ class Breakdown:
             "padding_bits": self.padding_bits,
             "caption_bits": self.caption_bits,
             "caption_codec": self.caption_codec,
+            "index_coding": self.index_coding,
+            "uniform_index_bits": self.index_bits
+            if self.uniform_index_bits is None
+            else self.uniform_index_bits,
+            "bpp_uniform": self.bpp_uniform,
         }
 
 
@@ -252,17 +285,17 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def _read_varint(data: bytes, pos: int, field: str = "seed") -> tuple[int, int]:
     value = 0
     for shift in range(0, 70, 7):
         if pos >= len(data):
-            raise BitstreamError("truncated header (seed)")
+            raise BitstreamError(f"truncated header ({field})")
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
             return value, pos
-    raise BitstreamError("seed field is too long")
+    raise BitstreamError(f"{field} field is too long")
 
 
 def _rate_id(rate: Rate) -> int:
@@ -277,6 +310,8 @@ def write(
     crc: bool = False,
     caption_codecs: dict[int, CaptionCodec] | None = None,
     global_codebook_size: int | None = None,
+    prior=None,
+    index_stream: bytes | None = None,
 ) -> tuple[bytes, Breakdown]:
     """Serialise ``image``; returns the file bytes and their breakdown.
 
@@ -284,6 +319,9 @@ def write(
     :func:`perco.captioning.text_codec.caption_codecs`; default: zlib, raw DEFLATE and
     the exact-text coder, which need no tokenizer). An image with ``global_codes``
     (PerCo-Image) has no caption; ``global_codebook_size`` is ``V`` of those codes.
+    ``prior``: the :class:`~perco.models.index_prior.IndexPrior` that codes the indices
+    (``None``: uniform packing); ``index_stream``: its output for these indices, when the
+    caller already coded a batch.
     """
     height, width = image.size
     h, w = hyper_latent_size(image.rate, height, width, latent_factor)
@@ -305,10 +343,20 @@ def write(
         codec, caption = GLOBAL_PQ, pack_indices(image.global_codes, global_codebook_size)
     else:
         codec, caption = encode_caption(image.caption, caption_codecs)
+    learned = prior is not None and prior.coding != 0
+    if image.keep != 1 and not learned:
+        raise ValueError("the hybrid mode (keep < 1) needs a model with a fitted index prior")
+    if index_stream is None:
+        index_stream = (
+            prior.encode(indices[None], image.keep)[0]
+            if prior is not None
+            else pack_indices(indices, image.rate.codebook_size)
+        )
     large = max(height, width) > 1 << _SMALL_BITS
     has_seed = image.seed != DEFAULT_SEED
     extended = codec >= CAPTION_EXTENDED
-    flags = (VERSION << 5) | (has_seed << 4) | (crc << 3) | (large << 2)
+    version = PRIOR_VERSION if learned else UNIFORM_VERSION
+    flags = (version << 5) | (has_seed << 4) | (crc << 3) | (large << 2)
     flags |= CAPTION_EXTENDED if extended else codec
     bits = _LARGE_BITS if large else _SMALL_BITS
     fields = (_rate_id(image.rate) << 2 * bits) | ((height - 1) << bits) | (width - 1)
@@ -317,19 +365,33 @@ def write(
         header += _varint(image.seed)
     if extended:
         header += bytes([codec])
-    payload = pack_indices(indices, image.rate.codebook_size) + caption
+    length = _varint(len(index_stream)) if learned and codec != CAPTION_NONE else b""
+    payload = length + index_stream + caption
     if crc:
         header += binascii.crc_hqx(header + payload, 0).to_bytes(2, "big")
     data = header + payload
-    index_bits = packed_bits(h * w, image.rate.codebook_size)
-    return data, Breakdown(
-        size=(height, width),
+    return data, _breakdown(data, image.size, len(header) + len(length), index_stream, caption,
+                            codec, learned, h * w, image.rate.codebook_size)  # fmt: skip
+
+
+def _breakdown(data, size, header_bytes, stream, caption, codec, learned, count, v) -> Breakdown:
+    uniform_bits = packed_bits(count, v)
+    index_bits = 8 * len(stream) if learned else uniform_bits
+    uniform_bytes = None
+    if learned:
+        uniform_bytes = len(data) - len(stream) + (uniform_bits + 7) // 8
+        uniform_bytes -= len(_varint(len(stream))) if codec != CAPTION_NONE else 0
+    return Breakdown(
+        size=size,
         file_bytes=len(data),
-        header_bytes=len(header),
+        header_bytes=header_bytes,
         index_bits=index_bits,
-        padding_bits=-index_bits % 8,
+        padding_bits=0 if learned else -uniform_bits % 8,
         caption_bits=8 * len(caption),
-        caption_codec=CAPTION_CODECS[codec],
+        caption_codec=CAPTION_CODECS.get(codec, str(codec)),
+        index_coding="learned prior" if learned else "uniform",
+        uniform_file_bytes=uniform_bytes,
+        uniform_index_bits=uniform_bits if learned else None,
     )
 
 
@@ -381,11 +443,13 @@ def read(
     latent_factor: int = 8,
     caption_codecs: dict[int, CaptionCodec] | None = None,
     global_pq: tuple[int, int] | None = None,
+    prior=None,
 ) -> tuple[CompressedImage, Breakdown]:
     """Parse a file for the model with this ``fingerprint``, ``rate`` and latent factor.
 
     ``caption_codecs``: the decoding model's (the ``tokens`` codec needs its tokenizer).
     ``global_pq``: ``(M, V)`` of the model's product quantizer (PerCo-Image).
+    ``prior``: the model's learned index prior, if it has one (version 2 files).
     Raises :class:`BitstreamError` for anything that is not a valid file for this model.
     """
     header = read_header(data)
@@ -397,6 +461,7 @@ def read(
         latent_factor=latent_factor,
         caption_codecs=caption_codecs,
         global_pq=global_pq,
+        prior=prior,
     )
 
 
@@ -422,20 +487,40 @@ def read_payload(
     latent_factor: int = 8,
     caption_codecs: dict[int, CaptionCodec] | None = None,
     global_pq: tuple[int, int] | None = None,
+    prior=None,
 ) -> tuple[CompressedImage, Breakdown]:
     """Check the CRC (if any) and parse the indices and caption (or, for PerCo-Image, the
-    ``global_pq = (M, V)`` product-quantizer codes) that follow the header."""
+    ``global_pq = (M, V)`` product-quantizer codes) that follow the header; a version 2
+    file's indices are decoded with ``prior``."""
     if header.crc is not None:
         covered = data[: header.length - 2] + data[header.length :]
         if binascii.crc_hqx(covered, 0) != header.crc:
             raise BitstreamError("CRC mismatch: the file is corrupted")
     height, width = header.size
     h, w = hyper_latent_size(rate, height, width, latent_factor)
-    index_bits = packed_bits(h * w, rate.codebook_size)
-    end = header.length + (index_bits + 7) // 8
-    if len(data) < end:
-        raise BitstreamError(f"truncated index payload ({len(data)} of {end} bytes)")
-    indices = unpack_indices(data[header.length : end], h * w, rate.codebook_size)
+    learned = header.version == PRIOR_VERSION
+    keep = 1.0
+    if learned:
+        if prior is None or prior.coding == 0:
+            raise BitstreamError("the file's indices are coded with a learned index prior; "
+                                 "this model has none")  # fmt: skip
+        start, end = header.length, len(data)
+        if header.caption_codec != CAPTION_NONE:
+            size, start = _read_varint(data, start, "index stream length")
+            end = start + size
+            if end > len(data):
+                raise BitstreamError(f"truncated index stream ({len(data) - start} of {size} bytes)")
+        stream = data[start:end]
+        flat, code = prior.decode(stream, (h, w), header.seed)
+        indices = flat.reshape(-1)
+        keep = code / 64 if code else 1.0
+    else:
+        start = header.length
+        end = start + (packed_bits(h * w, rate.codebook_size) + 7) // 8
+        if len(data) < end:
+            raise BitstreamError(f"truncated index payload ({len(data)} of {end} bytes)")
+        stream = data[start:end]
+        indices = unpack_indices(stream, h * w, rate.codebook_size)
     caption, codes = None, None
     if header.caption_codec == GLOBAL_PQ:
         if global_pq is None:
@@ -449,14 +534,7 @@ def read_payload(
         except CaptionCodingError as e:
             raise BitstreamError(str(e)) from None
     image = CompressedImage(
-        indices.reshape(h, w), caption, (height, width), rate, header.seed, codes
+        indices.reshape(h, w), caption, (height, width), rate, header.seed, codes, keep
     )
-    return image, Breakdown(
-        size=(height, width),
-        file_bytes=len(data),
-        header_bytes=header.length,
-        index_bits=index_bits,
-        padding_bits=-index_bits % 8,
-        caption_bits=8 * (len(data) - end),
-        caption_codec=CAPTION_CODECS.get(header.caption_codec, str(header.caption_codec)),
-    )
+    return image, _breakdown(data, (height, width), start, stream, data[end:],
+                             header.caption_codec, learned, h * w, rate.codebook_size)  # fmt: skip

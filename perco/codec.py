@@ -17,8 +17,9 @@ import torch
 from . import bitstream
 from .bitstream import Breakdown, CompressedImage
 from .captioning import text_codec
+from .models.index_prior import UniformPrior
 from .models.perco import Capability, PerCo
-from .timing import StageTimer
+from .timing import StageTimer, stage
 from .types import EncodedImages
 
 __all__ = ["compress", "decompress", "parse", "min_image_size", "check_image_size"]
@@ -48,6 +49,8 @@ def compress(
     latents: torch.Tensor | None = None,
     caption_codecs: Sequence[str] | None = None,
     timer: StageTimer | None = None,
+    keep: float = 1.0,
+    uniform: bool = False,
 ) -> list[tuple[bytes, Breakdown]]:
     """Encode ``(B, 3, H, W)`` images in ``[0, 1]``; returns each file's bytes and breakdown.
 
@@ -55,7 +58,9 @@ def compress(
     :meth:`PerCo.encode`). ``caption_codecs``: names of the caption codecs to choose from
     (the shortest is written; default: all that apply to the model, see
     :func:`~perco.captioning.text_codec.caption_codecs`); ``["exact"]`` keeps the caption
-    text verbatim."""
+    text verbatim. The indices are coded with the model's :attr:`~PerCo.prior`
+    (``uniform``: packed uniformly even when it has a learned one); ``keep < 1``
+    transmits that share of them only (hybrid mode, learned prior only)."""
     check_image_size(model, *images.shape[-2:])
     if model.config.local != "quantized":
         raise ValueError(
@@ -65,13 +70,17 @@ def compress(
     encoded = model.encode(images, captions, latents=latents, timer=timer)
     codecs = text_codec.caption_codecs(model.tokenizer, caption_codecs)
     pq = model.global_pq
+    prior = UniformPrior(model.rate.codebook_size) if uniform else model.prior
+    if keep != 1 and prior.coding == 0:
+        raise ValueError("the hybrid mode (keep < 1) needs a model with a fitted index prior")
+    indices = encoded.indices.cpu().numpy()
+    with stage(timer, "index coding"):
+        streams = prior.encode(indices, keep)  # the whole batch through the prior at once
     out = []
-    for i, (indices, caption, size) in enumerate(
-        zip(encoded.indices, encoded.captions, encoded.sizes, strict=True)
-    ):
+    for i, (caption, size) in enumerate(zip(encoded.captions, encoded.sizes, strict=True)):
         codes = None if encoded.global_codes is None else encoded.global_codes[i].cpu().numpy()
         image = CompressedImage(
-            indices.cpu().numpy(), caption, size, model.rate, seed, global_codes=codes
+            indices[i], caption, size, model.rate, seed, global_codes=codes, keep=keep
         )
         out.append(
             bitstream.write(
@@ -81,6 +90,8 @@ def compress(
                 crc=crc,
                 caption_codecs=codecs,
                 global_codebook_size=None if pq is None else pq[1],
+                prior=prior,
+                index_stream=streams[i],
             )
         )
     return out
@@ -95,6 +106,7 @@ def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
         latent_factor=model.autoencoder.factor,
         caption_codecs=text_codec.caption_codecs(model.tokenizer),
         global_pq=model.global_pq,
+        prior=model.index_prior,
     )
 
 

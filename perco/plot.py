@@ -53,7 +53,12 @@ REFERENCES = {
 DEFAULT_METRICS = ("lpips", "ms_ssim", "psnr", "fid")
 
 
-def _curves(docs: list[dict], x: str) -> dict[str, list[tuple[float, dict]]]:
+def _curves(
+    docs: list[dict], x: str, uniform_too: bool = False
+) -> dict[str, list[tuple[float, dict]]]:
+    """Points per labelled curve. ``x="bpp_uniform"`` places uniformly coded results at
+    their ``bpp``; ``uniform_too`` adds, for results coded with a learned index prior, the
+    same points at ``bpp_uniform`` (PerCo's coding of the same indices)."""
     curves = defaultdict(list)
     for doc in docs:
         res = doc["results"]
@@ -61,9 +66,14 @@ def _curves(docs: list[dict], x: str) -> dict[str, list[tuple[float, dict]]]:
         codecs = doc.get("protocol", {}).get("caption_codecs_used")
         if codecs:  # the caption codec behind the bpp
             name += f" [{'/'.join(codecs)} captions]"
-        for i in range(len(res.get(x, []))):
-            label = name if len(res[x]) == 1 else f"{name} ({res['steps'][i]} steps)"
-            curves[label].append((res[x][i], {k: v[i] for k, v in res.items()}))
+        learned = "bpp_uniform" in res
+        axes = [(x if x != "bpp_uniform" or learned else "bpp", "")]
+        if uniform_too and learned and x != "bpp_uniform":
+            axes.append(("bpp_uniform", " [uniform coding]"))
+        for key, suffix in axes:
+            for i in range(len(res.get(key, []))):
+                label = name if len(res[key]) == 1 else f"{name} ({res['steps'][i]} steps)"
+                curves[label + suffix].append((res[key][i], {k: v[i] for k, v in res.items()}))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
 
 
@@ -86,6 +96,7 @@ def plot_results(
     metrics: tuple[str, ...] = DEFAULT_METRICS,
     x: str = "bpp_payload",
     reference: str | None = None,
+    uniform_too: bool = False,
 ) -> None:
     """One panel per metric that any result or reference has; PNG or PDF by suffix."""
     import matplotlib
@@ -93,7 +104,7 @@ def plot_results(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = _curves(docs, x)
+    curves = _curves(docs, x, uniform_too)
     refs = REFERENCES.get(reference or "", {})
     shown = [
         m
@@ -197,7 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", type=Path, help="results.json files or folders")
     parser.add_argument("-o", "--output", type=Path, default=Path("rd.png"), help=".png or .pdf")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
-    parser.add_argument("--x", default="bpp_payload", choices=["bpp_payload", "bpp"])
+    parser.add_argument(
+        "--x",
+        default="bpp_payload",
+        choices=["bpp_payload", "bpp", "bpp_uniform"],
+        help="bpp_uniform: the file size with uniformly coded indices (the paper's coding)",
+    )
+    parser.add_argument(
+        "--uniform-too",
+        action="store_true",
+        help="also draw results coded with a learned index prior at their uniform-coding bpp",
+    )
     parser.add_argument(
         "--reference", help="dataset of the reference series (default: the results')"
     )
@@ -205,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         docs = _gather(args.inputs)
         reference = args.reference or docs[0].get("protocol", {}).get("dataset")
-        plot_results(docs, args.output, tuple(args.metrics), args.x, reference)
+        plot_results(docs, args.output, tuple(args.metrics), args.x, reference, args.uniform_too)
     except (OSError, ValueError) as e:
         print(f"perco-plot: error: {e}", file=sys.stderr)
         return 1

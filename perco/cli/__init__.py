@@ -11,9 +11,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import compress, decompress, demo
+from . import compress, decompress, demo, fit_prior
 
-SUBCOMMANDS = {"compress": compress, "decompress": decompress, "demo": demo}
+SUBCOMMANDS = {
+    "compress": compress,
+    "decompress": decompress,
+    "demo": demo,
+    "fit-prior": fit_prior,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--crc", action="store_true", help="add a CRC-16 (2 bytes)")
     parser.add_argument(
+        "--keep",
+        type=float,
+        default=1.0,
+        help="hybrid mode: transmit this share of the indices (in 64ths; the decoder draws "
+        "the others from the model's learned index prior with the file's seed)",
+    )
+    parser.add_argument(
+        "--uniform",
+        action="store_true",
+        help="pack the indices uniformly (log2 V bits each) even if the model has a prior",
+    )
+    parser.add_argument(
         "--verify", action="store_true", help="read each file back, decode it and report PSNR"
     )
     parser.add_argument("--steps", type=int, help="sampler steps for --verify")
@@ -119,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
                     crc=args.crc,
                     caption_codecs=args.caption_codec,
                     timer=timer,
+                    keep=args.keep,
+                    uniform=args.uniform,
                 )
                 for (path, image, caption), (data, breakdown) in zip(batch, results, strict=True):
                     out = output_path(path, args.output_dir, ".perco")
@@ -156,14 +170,16 @@ def print_table(files: list[dict]) -> None:
     if not files:
         return
     print(
-        f"{'file':<28}{'bytes':>7}{'bpp_file':>10}{'bpp_payload':>13}"
-        f"{'header B':>10}{'index b':>9}{'caption b':>11}  codec"
+        f"{'file':<28}{'bytes':>7}{'bpp_file':>10}{'bpp_payload':>13}{'header B':>10}"
+        f"{'index b':>9}{'uniform b':>11}{'ratio':>7}{'caption b':>11}  codec"
     )
     for f in files:
         name = Path(f["file"]).name
+        uniform = f["uniform_index_bits"]
         line = (
             f"{name:<28}{f['file_bytes']:>7}{f['bpp_file']:>10.5f}{f['bpp_payload']:>13.5f}"
-            f"{f['header_bytes']:>10}{f['index_bits']:>9}{f['caption_bits']:>11}  "
+            f"{f['header_bytes']:>10}{f['index_bits']:>9}{uniform:>11}"
+            f"{f['index_bits'] / max(uniform, 1):>7.3f}{f['caption_bits']:>11}  "
             f"{f['caption_codec']}"
         )
         if "verify" in f:

@@ -74,9 +74,18 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
             "each image's file decoded with the indices of another image of its size "
             f"(pairs shuffled with seed {settings.seed}), its own seed and caption"
         )
+    prior = {}
+    if model.index_prior is not None:  # absent for uniform coding: older protocols unchanged
+        record = model.index_prior_record or {}
+        prior["index_coding"] = (
+            f"learned context prior ({type(model.index_prior).__name__}, fitted on "
+            f"{record.get('fitted_on', 'unrecorded data')}); bpp_uniform: the same indices "
+            "at log2 V bits each"
+        )
     return {
         **data.describe(),
         "rate": model.rate.name,
+        **prior,
         **({"ablation": ABLATIONS[model.config.local]} if model.config.local in ABLATIONS else {}),
         "model_fingerprint": model.fingerprint.hex(),
         "scheduler": f"{type(model.scheduler).__name__} ({sched.prediction_type}, "
@@ -129,6 +138,9 @@ def departures(doc: dict, model: PerCo, settings: EvalSettings) -> list[str]:
         out.append(f"mIoU segmenter: {proto['segmenter']} (paper: ViT-Adapter), not comparable")
     if proto["transform"] != "native":
         out.append(f"images transformed: {proto['transform']}")
+    if proto.get("index_coding"):
+        out.append("indices entropy-coded with a learned prior (paper: log2 V bits each); "
+                   "bpp_uniform is the paper's coding of the same indices")  # fmt: skip
     return out
 
 
@@ -149,7 +161,8 @@ def summarise(results: dict[str, ImageResult], settings: EvalSettings, series: s
     rows = [r for res in results.values() for r in res.rows if r["series"] == series]
     out = {"images": len({r["id"] for r in rows}), "reconstructions": len(rows)}
     columns = [c for m in METRICS.values() for c in m.outputs]
-    for key in ("bpp_file", "bpp_payload", "bytes", "caption_bits", *columns, "diversity_lpips"):
+    keys = ("bpp_file", "bpp_payload", "bpp_uniform", "index_bits", "bytes", "caption_bits")
+    for key in (*keys, *columns, "diversity_lpips"):
         if any(key in r for r in rows):
             out[key] = _mean([r.get(key) for r in rows])
     having = [res for res in results.values() if _of(series, res.features)]
@@ -266,7 +279,8 @@ def table_rows(doc: dict) -> dict[str, dict]:
 def format_table(doc: dict, columns: list[str] | None = None) -> str:
     """The results as a plain-text table: one line per series, then ceiling and references."""
     columns = columns or [
-        "bpp", "bpp_payload", *table_columns(), "fid", "kid", "miou", "diversity_lpips"
+        "bpp", "bpp_payload", "bpp_uniform", *table_columns(), "fid", "kid", "miou",
+        "diversity_lpips",
     ]  # fmt: skip
     rows = table_rows(doc)
     columns = [c for c in columns if any(c in r for r in rows.values())]

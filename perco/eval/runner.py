@@ -223,7 +223,10 @@ class _Evaluator:
         parsed = [codec.parse(self.model, data)[0] for data, _ in files]
         rates = [
             {"bytes": b.file_bytes, "bpp_file": b.bpp_file, "bpp_payload": b.bpp_payload,
-             "caption_bits": b.caption_bits, "caption_codec": b.caption_codec}
+             "caption_bits": b.caption_bits, "caption_codec": b.caption_codec,
+             # a learned prior: also what PerCo's uniform coding of the same indices costs
+             **({"bpp_uniform": b.bpp_uniform, "index_bits": b.index_bits}
+                if b.index_coding != "uniform" else {})}
             for _, b in files
         ]  # fmt: skip
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from .perco import PerCo
 from .serialization import CONFIG_NAME
 
-__all__ = ["load_model", "TINY"]
+__all__ = ["load_model", "model_folder", "TINY"]
 
 TINY = "tiny"
 
@@ -24,14 +24,7 @@ def load_model(spec: str, rate: str | None = None) -> PerCo:
         return tiny_perco(rate or "r0.0019").eval()
     path = Path(spec)
     if path.is_dir():
-        candidates = [path, path / "model"]
-        if rate:
-            candidates += [path / rate, path / rate / "model"]
-        found = next((c for c in candidates if (c / CONFIG_NAME).is_file()), None)
-        if found is None:
-            where = ", ".join(str(c.relative_to(path)) for c in candidates)
-            raise FileNotFoundError(f"{spec}: no {CONFIG_NAME} in {where}")
-        path = found
+        path = model_folder(spec, rate)
     else:
         try:
             from huggingface_hub import snapshot_download
@@ -43,3 +36,18 @@ def load_model(spec: str, rate: str | None = None) -> PerCo:
     if rate and model.rate.name != rate:
         raise ValueError(f"model {spec} is at {model.rate.name}, not {rate}")
     return model
+
+
+def model_folder(spec: str, rate: str | None = None) -> Path:
+    """The saved model folder a local ``spec`` names (see :func:`load_model`)."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{spec} is not a folder")
+    candidates = [path, path / "model"]
+    if rate:
+        candidates += [path / rate, path / rate / "model"]
+    found = next((c for c in candidates if (c / CONFIG_NAME).is_file()), None)
+    if found is None:
+        where = ", ".join(str(c.relative_to(path)) for c in candidates)
+        raise FileNotFoundError(f"{spec}: no {CONFIG_NAME} in {where}")
+    return found

@@ -37,6 +37,7 @@ from ..types import EncodedImages, PerCoLoss, QuantizerOutput
 from .autoencoders import Autoencoder, SDAutoencoder
 from .config import PerCoConfig
 from .hyper_encoder import HyperEncoder
+from .index_prior import ContextPrior, IndexPrior, UniformPrior
 from .quantizer import VectorQuantizer
 from .serialization import load, save
 from .text import NullTextEmbedding, check_tokenizer, drop_captions, encode_captions
@@ -117,6 +118,8 @@ class PerCo(nn.Module):
         # frozen in every finetuning mode (paper §4.1)
         self.autoencoder.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
+        self.index_prior: ContextPrior | None = None  # fitted after training, if at all
+        self.index_prior_record: dict | None = None  # how it was fitted (perco.json)
         self._fingerprint: bytes | None = None
 
     # -- construction ---------------------------------------------------------------
@@ -275,6 +278,8 @@ class PerCo(nn.Module):
         """
         if self._fingerprint is None:
             modules = {name: getattr(self, name) for name in ("autoencoder", *self._MODULES)}
+            if self.index_prior is not None:  # absent: the fingerprint it always had
+                modules["index_prior"] = self.index_prior
             self._fingerprint = fingerprint(modules, self._settings())
         return self._fingerprint
 
@@ -295,6 +300,25 @@ class PerCo(nn.Module):
             "scheduler": scheduler,
             "vocabulary": sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
         }
+
+    @property
+    def prior(self) -> IndexPrior:
+        """How the indices are coded: the fitted :class:`ContextPrior`, else uniformly."""
+        if self.index_prior is not None:
+            return self.index_prior
+        return UniformPrior(self.rate.codebook_size)
+
+    def set_index_prior(self, prior: ContextPrior | None, record: dict | None = None) -> None:
+        """Attach (or remove, with ``None``) a fitted index prior. The fingerprint changes:
+        files coded before do not decode with the model after, and the other way round."""
+        if prior is not None and prior.codebook_size != self.rate.codebook_size:
+            raise ValueError(f"the prior codes {prior.codebook_size} symbols, the model's "
+                             f"codebook has {self.rate.codebook_size}")  # fmt: skip
+        if prior is not None:
+            prior.requires_grad_(False).eval()
+        self.index_prior = prior
+        self.index_prior_record = record if prior is not None else None
+        self._fingerprint = None
 
     def train(self, mode: bool = True) -> PerCo:
         if mode:

@@ -2,9 +2,10 @@
 
 A folder holds one subfolder per component (``autoencoder/``, ``hyper_encoder/``,
 ``quantizer/``, ``unet/``, ``text_encoder/``, ``null_text/``, ``tokenizer/``,
-``scheduler/`` and a variant's own) and ``perco.json``: the :class:`PerCoConfig`, the
-variant name (which class :func:`load` builds), the autoencoder and scheduler classes,
-and the model fingerprint that files carry.
+``scheduler/``, a variant's own, and ``index_prior/`` once one is fitted) and
+``perco.json``: the :class:`PerCoConfig`, the variant name (which class :func:`load`
+builds), the autoencoder and scheduler classes, the model fingerprint that files carry,
+and, with a prior, ``index_prior``: its class and how it was fitted.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def save(model, path: str | os.PathLike) -> None:
                 module.fuse_lora()
                 module.unload_lora()
             module.save_pretrained(tmp / name)
+        if model.index_prior is not None:
+            model.index_prior.save_pretrained(tmp / "index_prior")
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         model.scheduler.save_pretrained(tmp / "scheduler")
         model._fingerprint = None
@@ -74,6 +77,9 @@ def save(model, path: str | os.PathLike) -> None:
             "scheduler_class": type(model.scheduler).__name__,
             "fingerprint": model.fingerprint.hex(),
         }
+        if model.index_prior is not None:
+            config["index_prior"] = {"class": type(model.index_prior).__name__,
+                                     **(model.index_prior_record or {})}  # fmt: skip
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -108,6 +114,7 @@ def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
     scheduler_class = getattr(diffusers, raw.pop("scheduler_class"))
     autoencoder = raw.pop("autoencoder")
     stored_fingerprint = raw.pop("fingerprint", None)
+    prior_record = raw.pop("index_prior", None)
     config = PerCoConfig(**raw)
     dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -124,6 +131,13 @@ def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
         config=config,
         **modules,
     )
+    if prior_record is not None:
+        from .index_prior import ContextPrior
+
+        record = dict(prior_record)
+        if record.pop("class") != ContextPrior.__name__:
+            raise ValueError(f"{path} holds an unknown index prior {prior_record['class']!r}")
+        model.set_index_prior(ContextPrior.from_pretrained(path / "index_prior"), record)
     if stored_fingerprint is not None:
         model._fingerprint = bytes.fromhex(stored_fingerprint)
     return model
