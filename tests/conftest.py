@@ -22,6 +22,32 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: each worker its 
     torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+def mutate(draw, data: bytes, header_bytes: int) -> bytes:
+    """One to three random edits of a file for a hypothesis ``draw``: bit flips,
+    truncation, inserted or deleted bytes past the fixed header (hypothesis favours small
+    integers, which would otherwise hit the magic byte nearly every time), or any value
+    in one of the header's first ten bytes."""
+    from hypothesis import strategies as st
+
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "header"]))
+        if len(data) <= header_bytes:
+            break
+        pos = header_bytes + draw(st.integers(0, len(data) - 1 - header_bytes))
+        if kind == "flip":
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif kind == "delete":
+            del data[pos : pos + draw(st.integers(1, 4))]
+        else:
+            data[draw(st.integers(0, min(9, len(data) - 1)))] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
 def entry_point(name: str) -> str:
     """An installed command (``perco-eval``, ``accelerate``, ...) of the environment of
     this interpreter, not whatever ``PATH`` finds first."""

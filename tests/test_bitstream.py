@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import mutate
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -173,26 +174,7 @@ VALID = _valid_files()
 @st.composite
 def mutated(draw):
     data, rate = draw(st.sampled_from(VALID))
-    data = bytearray(data)
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "header"]))
-        if len(data) <= bitstream.HEADER_BYTES:
-            break
-        # byte-level mutations aim past the fixed header (hypothesis favours small
-        # integers, which would otherwise hit the magic byte nearly every time);
-        # header fields get their own kind of mutation
-        pos = bitstream.HEADER_BYTES + draw(st.integers(0, len(data) - 1 - bitstream.HEADER_BYTES))
-        if kind == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "truncate":
-            del data[pos:]
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
-        elif kind == "delete":
-            del data[pos : pos + draw(st.integers(1, 4))]
-        else:  # edit a header field byte to any value
-            data[draw(st.integers(0, min(9, len(data) - 1)))] = draw(st.integers(0, 255))
-    return bytes(data), rate
+    return mutate(draw, data, bitstream.HEADER_BYTES), rate
 
 
 def test_mutated_files_end_in_bitstream_error_or_a_valid_decode():

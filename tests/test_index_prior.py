@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import mutate
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -277,23 +278,7 @@ PRIOR_FILES = _valid_prior_files()
 
 @st.composite
 def mutated(draw):
-    data = bytearray(draw(st.sampled_from(PRIOR_FILES)))
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "header"]))
-        if len(data) <= bitstream.HEADER_BYTES:
-            break
-        pos = bitstream.HEADER_BYTES + draw(st.integers(0, len(data) - 1 - bitstream.HEADER_BYTES))
-        if kind == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "truncate":
-            del data[pos:]
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
-        elif kind == "delete":
-            del data[pos : pos + draw(st.integers(1, 4))]
-        else:
-            data[draw(st.integers(0, min(9, len(data) - 1)))] = draw(st.integers(0, 255))
-    return bytes(data)
+    return mutate(draw, draw(st.sampled_from(PRIOR_FILES)), bitstream.HEADER_BYTES)
 
 
 def test_mutated_prior_coded_files_end_in_bitstream_error_or_a_valid_decode():
@@ -333,7 +318,7 @@ def test_a_corrupted_file_is_refused_in_one_line_by_the_cli(tmp_path, capsys):
     bad = bytearray(data)
     bad[1] = (bad[1] & 0x1F) | (5 << 5)  # a format version from the future
     (tmp_path / "bad.perco").write_bytes(bytes(bad))
-    (tmp_path / "cut.perco").write_bytes(data[: 9])
+    (tmp_path / "cut.perco").write_bytes(data[:8])  # the header alone
     status = main(["decompress", str(tmp_path / "bad.perco"), str(tmp_path / "cut.perco"),
                    "--model", str(tmp_path / "m"), "-o", str(tmp_path / "out")])  # fmt: skip
     err = capsys.readouterr().err
@@ -341,3 +326,38 @@ def test_a_corrupted_file_is_refused_in_one_line_by_the_cli(tmp_path, capsys):
     assert status == 1 and len(errors) == 2 and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert zlib.crc32(data)  # the good file was untouched
+
+
+def test_fit_prior_command_then_compress_and_decompress(tmp_path, capsys):
+    from perco.cli import main
+    from perco.io import save_image
+
+    tiny_perco("r0.0019").save_pretrained(tmp_path / "m")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        low = torch.rand(1, 3, 4, 6, generator=g)
+        save_image(torch.nn.functional.interpolate(low, size=(128, 192), mode="bilinear")[0],
+                   photos / f"p{i:02d}.png")  # fmt: skip
+    status = main(["fit-prior", str(tmp_path / "m"), "--images", str(photos), "--steps", "20",
+                   "-o", str(tmp_path / "p")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0 and "context prior" in out and "(2 held out)" in out
+    record = json.loads((tmp_path / "p" / "perco.json").read_text())["index_prior"]
+    assert record["class"] == "ContextPrior" and record["images"] == 10
+    assert str(photos) in record["fitted_on"]
+    assert "index_prior" not in json.loads((tmp_path / "m" / "perco.json").read_text())
+
+    photo = photos / "p00.png"
+    assert main(["compress", str(photo), "--model", str(tmp_path / "p"), "-o", str(tmp_path / "b"),
+                 "--json"]) == 0  # fmt: skip
+    (entry,) = json.loads(capsys.readouterr().out)["files"]
+    assert entry["index_coding"] == "learned prior" and entry["uniform_index_bits"] == 48
+    assert main(["decompress", str(tmp_path / "b" / "p00.perco"), "--model", str(tmp_path / "p"),
+                 "-o", str(tmp_path / "r"), "--steps", "1"]) == 0  # fmt: skip
+    assert (tmp_path / "r" / "p00.png").is_file()
+    # the model without the prior refuses the file in one line
+    assert main(["decompress", str(tmp_path / "b" / "p00.perco"), "--model", str(tmp_path / "m"),
+                 "-o", str(tmp_path / "r2")]) == 1  # fmt: skip
+    assert "made by model" in capsys.readouterr().err

@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..range_coding import decoder as range_decoder
+from ..range_coding import shortest_prefix, to_bytes
+
 __all__ = [
     "CaptionCodingError",
     "TokenCaption",
@@ -248,11 +251,7 @@ def _categorical(p: np.ndarray):
 
 
 def _decode_symbols(data: bytes, model: NGramModel, max_symbols: int) -> list[int]:
-    import constriction
-
-    padded = data + bytes(-len(data) % 4)
-    words = np.frombuffer(padded, ">u4").astype(np.uint32)
-    decoder = constriction.stream.queue.RangeDecoder(words)
+    decoder = range_decoder(data)
     out: list[int] = []
     history = [model.start] * (model.order - 1)
     while True:
@@ -277,34 +276,15 @@ def _encode_symbols(seq: Sequence[int], model: NGramModel) -> bytes:
     encoder = constriction.stream.queue.RangeEncoder()
     for ctx, s in zip(model.contexts(symbols), symbols, strict=True):
         encoder.encode(s, _categorical(model.probabilities(ctx)))
-    data = encoder.get_compressed().astype(">u4").tobytes()
-    return _shortest_prefix(data, list(seq), model)
+    seq = list(seq)
+    return shortest_prefix(to_bytes(encoder), lambda d: _decodes_to(d, seq, model))
 
 
-def _shortest_prefix(data: bytes, seq: list[int], model: NGramModel) -> bytes:
-    """The shortest stream that still decodes to ``seq`` (the decoder pads with zeros).
-
-    The coder's final word pins a point near the low end of the final interval, so for
-    each shorter length both the truncation and the truncation plus one unit in its last
-    byte are tried; the search stops at the first length where neither decodes.
-    """
-    best = data
-    for k in range(len(data) - 1, -1, -1):
-        prefix = data[:k]
-        bumped = int.from_bytes(prefix, "big") + 1
-        candidates = [prefix]
-        if k and bumped < 1 << 8 * k:
-            candidates.append(bumped.to_bytes(k, "big"))
-        for candidate in candidates:
-            try:
-                if _decode_symbols(candidate, model, len(seq)) == seq:
-                    best = candidate
-                    break
-            except CaptionCodingError:
-                pass
-        else:
-            return best
-    return best
+def _decodes_to(data: bytes, seq: list[int], model: NGramModel) -> bool:
+    try:
+        return _decode_symbols(data, model, len(seq)) == seq
+    except CaptionCodingError:
+        return False
 
 
 # -- codecs ------------------------------------------------------------------------------

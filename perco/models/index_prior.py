@@ -82,6 +82,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..bitstream import BitstreamError, pack_indices, unpack_indices
+from ..range_coding import decoder as range_decoder
+from ..range_coding import shortest_prefix, to_bytes
 from ..rates import packed_bits
 
 __all__ = [
@@ -199,9 +201,7 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
         if kernel % 2 != 1:
             raise ValueError(f"kernel must be odd, got {kernel}")
         self.embed = nn.Parameter(torch.randn(codebook_size, embed_dim))
-        self.context = nn.ModuleList(
-            nn.Conv2d(embed_dim + 1, channels, kernel) for _ in PASSES[1:]
-        )
+        self.context = nn.ModuleList(nn.Conv2d(embed_dim + 1, channels, kernel) for _ in PASSES[1:])
         self.hidden = nn.Conv2d(channels, channels, 1)
         self.head = nn.Conv2d(channels, codebook_size, 1)
         self.pass_bias = nn.Parameter(torch.zeros(len(PASSES), codebook_size))
@@ -240,7 +240,9 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
                 out.append(bias.expand(indices.shape[0], -1, hp, wp))
                 continue
             x = F.conv2d(self._windows(emb, p), self.context[p - 1].weight, stride=2)
-            x = F.relu(x + self.context[p - 1].bias[None, :, None, None]).clamp(max=_ACT_MAX / 2**_E_SCALE)
+            x = F.relu(x + self.context[p - 1].bias[None, :, None, None]).clamp(
+                max=_ACT_MAX / 2**_E_SCALE
+            )
             x = F.relu(self.hidden(x)).clamp(max=_ACT_MAX / 2**_E_SCALE)
             out.append(self.head(x) + bias)
         return out
@@ -259,6 +261,7 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
         if self._integer is None:
             q = {}
             with torch.no_grad():
+
                 def fix(t, bits):
                     return (t.detach().double().cpu() * 2.0**bits).round()
 
@@ -293,7 +296,9 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
         return super().train(mode)
 
     @staticmethod
-    def _layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+    def _layer(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool
+    ) -> torch.Tensor:
         """``x (B, fan_in, n)`` integers at scale 2^8 → ``(B, out, n)`` at scale 2^8."""
         y = torch.floor((weight @ x + bias[:, None]) / 2.0**_W_SCALE)
         return y.clamp(0, _ACT_MAX) if relu else y
@@ -354,8 +359,7 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
         import constriction
 
         h, w = shape
-        words = np.frombuffer(data + bytes(-len(data) % 4), ">u4").astype(np.uint32)
-        decoder = constriction.stream.queue.RangeDecoder(words)
+        decoder = range_decoder(data)
         try:
             code = int(decoder.decode(_keep_model()))
         except (AssertionError, ValueError, RuntimeError):
@@ -406,8 +410,9 @@ def _encode_stream(code: int, symbols: np.ndarray, weights: np.ndarray) -> bytes
     family = constriction.stream.model.Categorical(perfect=False)
     if len(symbols):
         encoder.encode(symbols.astype(np.int32), family, weights)
-    data = encoder.get_compressed().astype(">u4").tobytes()
-    data = _shortest_prefix(data, code, symbols, weights)
+    # the cut is checked with the encoder's distributions: until the first wrong symbol
+    # they are the ones the real decoder would build
+    data = shortest_prefix(to_bytes(encoder), lambda d: _decodes_to(d, code, symbols, weights))
     return data + bytes(max(0, min_stream_bytes(len(weights)) - len(data)))
 
 
@@ -419,8 +424,7 @@ def min_stream_bytes(count: int) -> int:
 def _decodes_to(data: bytes, code: int, symbols: np.ndarray, weights: np.ndarray) -> bool:
     import constriction
 
-    words = np.frombuffer(data + bytes(-len(data) % 4), ">u4").astype(np.uint32)
-    decoder = constriction.stream.queue.RangeDecoder(words)
+    decoder = range_decoder(data)
     try:
         if int(decoder.decode(_keep_model())) != code:
             return False
@@ -430,26 +434,6 @@ def _decodes_to(data: bytes, code: int, symbols: np.ndarray, weights: np.ndarray
         return np.array_equal(decoder.decode(family, weights), symbols)
     except (AssertionError, ValueError, RuntimeError):
         return False
-
-
-def _shortest_prefix(data: bytes, code: int, symbols: np.ndarray, weights: np.ndarray) -> bytes:
-    """The shortest byte string that decodes to the same symbols (decoder pads with
-    zeros). The final coder state pins a point near the low end of the last interval, so
-    each shorter length tries the cut and the cut plus one in its last byte. The check
-    reuses the encoder's distributions: until the first wrong symbol they are the ones
-    the real decoder would build."""
-    best = data
-    for k in range(len(data) - 1, -1, -1):
-        prefix = data[:k]
-        bumped = int.from_bytes(prefix, "big") + 1
-        candidates = [prefix]
-        if k and bumped < 1 << 8 * k:
-            candidates.append(bumped.to_bytes(k, "big"))
-        fits = [c for c in candidates if _decodes_to(c, code, symbols, weights)]
-        if not fits:
-            break
-        best = fits[0]
-    return best
 
 
 # -- fitting ------------------------------------------------------------------------------
