@@ -509,7 +509,9 @@ def read_payload(
             size, start = _read_varint(data, start, "index stream length")
             end = start + size
             if end > len(data):
-                raise BitstreamError(f"truncated index stream ({len(data) - start} of {size} bytes)")
+                raise BitstreamError(
+                    f"truncated index stream ({len(data) - start} of {size} bytes)"
+                )
         stream = data[start:end]
         flat, code = prior.decode(stream, (h, w), header.seed)
         indices = flat.reshape(-1)

@@ -455,3 +455,23 @@ def test_several_rungs_in_one_table_with_references_once(photos, tmp_path, asset
     assert set(summary["timing"]) == set(models)
     text = (out / "summary.md").read_text()
     assert "| perco r0.0059 |" in text and (out / "grid.png").is_file()
+
+
+def test_a_model_with_an_index_prior_reports_both_rates(photos, tmp_path, assets):
+    from perco.models.index_prior import ContextPrior
+    from perco.testing import tiny_perco
+
+    model = tiny_perco("r0.0019")
+    torch.manual_seed(0)
+    model.set_index_prior(ContextPrior(256, model.quantizer.config.codebook_dim, 16),
+                          {"fitted_on": "images: elsewhere"})  # fmt: skip
+    model.save_pretrained(tmp_path / "m")
+    checkpoint = f"checkpoint={tmp_path / 'm'}"
+    doc = run(config(photos, tmp_path / "out", checkpoint, "eval.ceiling=false"))
+    res, proto = doc["results"], doc["protocol"]
+    assert "learned context prior" in proto["index_coding"] and "elsewhere" in proto["index_coding"]
+    assert any("entropy-coded" in d for d in doc["departures_from_paper"])
+    assert res["bpp_uniform"][0] > 0 and res["bpp_uniform"][0] != res["bpp"][0]
+    with open(tmp_path / "out" / "r0.0019" / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["bpp_uniform"]) > 0 for r in rows)

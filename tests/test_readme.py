@@ -80,6 +80,16 @@ def shrink(argv: list[str], photos: Path, tmp: Path) -> list[str]:
         return argv
     if name == "perco-eval":
         return [*argv, "eval.limit=2", "eval.timing_repeats=1"]
+    if argv[:2] == ["perco", "fit-prior"]:  # the two photos, a few steps
+        i, j = argv.index("--images"), argv.index("--latent-cache")
+        argv = [*argv[: i + 1], str(photos), *argv[j:]]
+        argv[argv.index("--latent-cache") + 1] = str(tmp / "taef2_latents.safetensors")
+        return [*argv, "--steps", "3"]
+    if argv[:2] == ["python", "scripts/bench_entropy.py"]:
+        return [*argv, "--train-folders", str(photos), "--latent-cache",
+                str(tmp / "taef2_latents.safetensors"), "--kodak-images", "2", "--test-images", "2",
+                "--repeats", "1",
+                "--keeps", "1", "0.5", "--hybrid-images", "1"]  # fmt: skip
     if argv[:2] == ["python", "scripts/bench_variants.py"]:
         argv = [*(a if a != "8" else "1" for a in argv)]
         return argv if HAS_COMPRESSAI else [*argv, "--models", "PerCo", "PerCo-Image"]

@@ -3,10 +3,11 @@
     perco fit-prior runs/tiny_taef2 --rate r0.0019 \\
         --images ../shared/assets/bsds500/train ../shared/assets/bsds500/val \\
         --latent-cache runs/tiny_taef2/bsds500_taef2_latents.safetensors
-    perco fit-prior runs/paper/r0.0019 --shards 'shards/train-{000000..000099}.tar' --max-images 5000
+    perco fit-prior runs/paper/r0.0019 --shards 'shards/train-{000000..000099}.tar' \\
+        --max-images 5000
 
 Fit on training images, never on the images you evaluate on. Every tenth image (in name
-order) is held out to pick the fitting step. The model folder is rewritten whole
+order) is held out to pick the fitting step. The model folder (or ``-o``) is written whole
 (temp folder, then rename) with ``index_prior/`` and an ``index_prior`` entry in
 ``perco.json``; its fingerprint changes, so files made before with it no longer decode
 with it (they say so in one line).
@@ -33,6 +34,9 @@ from ..rates import RATES
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a saved model folder, or a run/sweep folder with --rate")
     parser.add_argument("--rate", choices=list(RATES), help="rung of a sweep folder")
+    parser.add_argument(
+        "-o", "--output", type=Path, help="write the model with its prior here (default: in place)"
+    )
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--images", nargs="+", type=Path, help="folders of training images")
     data.add_argument("--shards", help="webdataset training shards (brace pattern)")
@@ -116,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
 
     prior, record = fit_context_prior(
-        train, valid, model.quantizer.embed.detach().cpu(), steps=args.steps, seed=args.seed, log=log
+        train,
+        valid,
+        model.quantizer.embed.detach().cpu(),
+        steps=args.steps,
+        seed=args.seed,
+        log=log,
     )
     count = sum(m.size for m in valid)
     record = {
@@ -127,11 +136,14 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "best_step": record["step"],
         "valid_bits_per_index": round(record["valid_bits_per_index"], 4),
-        "valid_unigram_bits_per_index": round(float(unigram_bits(train, valid, v).sum() / count), 4),
+        "valid_unigram_bits_per_index": round(
+            float(unigram_bits(train, valid, v).sum() / count), 4
+        ),
         "uniform_bits_per_index": round(float(np.log2(v)), 4),
         "seed": args.seed,
     }
     model.set_index_prior(prior, record)
+    folder = args.output or folder
     model.save_pretrained(folder)
     record["fit_seconds"] = round(time.perf_counter() - start, 1)
     record["model"] = str(folder)

@@ -122,9 +122,7 @@ def run(cfg) -> dict | None:
     if rates:
         models = {r: load_model(str(cfg.checkpoint), r).to(device) for r in rates}
         repeats = int(cfg.eval.get("timing_repeats") or 0)
-        return evaluate_family(
-            models, data, settings, backbones, cfg.output_dir, cfg.name, repeats
-        )
+        return evaluate_family(models, data, settings, backbones, cfg.output_dir, cfg.name, repeats)
     model = load_model(str(cfg.checkpoint), rate).to(device)
     out = Path(cfg.output_dir) / model.rate.name
     return evaluate(model, data, settings, backbones, out, name=cfg.name)

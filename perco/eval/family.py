@@ -168,9 +168,7 @@ def _grid(data, out: Path, docs: dict, rates: list[str], settings: EvalSettings,
     from ..plot import reconstruction_grid
 
     folders = [out / rate / "reconstructions" / f"steps={steps}" for rate in rates]
-    labels = ["original"] + [
-        f"{rate}\n{docs[rate]['results']['bpp'][0]:.4f} bpp" for rate in rates
-    ]
+    labels = ["original"] + [f"{rate}\n{docs[rate]['results']['bpp'][0]:.4f} bpp" for rate in rates]
     if (out / rates[-1] / "reconstructions" / CONTROL).is_dir():
         folders.append(out / rates[-1] / "reconstructions" / CONTROL)
         labels.append(f"control: {rates[-1]}\nwith shuffled z_l")

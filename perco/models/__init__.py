@@ -3,6 +3,7 @@
 from .autoencoders import AUTOENCODERS, Autoencoder, SDAutoencoder
 from .config import PerCoConfig
 from .hyper_encoder import HyperEncoder
+from .index_prior import ContextPrior, IndexPrior, UniformPrior
 from .loading import load_model
 from .perco import Capability, PerCo
 from .quantizer import VectorQuantizer
@@ -16,6 +17,9 @@ __all__ = [
     "SDAutoencoder",
     "TinyAutoencoder",
     "HyperEncoder",
+    "IndexPrior",
+    "UniformPrior",
+    "ContextPrior",
     "PerCo",
     "PerCoConfig",
     "Capability",

@@ -44,7 +44,6 @@ def variant_class(variant: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-
 def save(model, path: str | os.PathLike) -> None:
     """Write ``model`` as a folder: one subfolder per component (safetensors) and
     ``perco.json`` (its config, variant, autoencoder class, scheduler class, fingerprint).
