@@ -475,3 +475,16 @@ def test_a_model_with_an_index_prior_reports_both_rates(photos, tmp_path, assets
     with open(tmp_path / "out" / "r0.0019" / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(float(r["bpp_uniform"]) > 0 for r in rows)
+
+
+def test_plot_curves_at_the_uniform_coding_rate():
+    from perco.plot import _curves
+
+    learned = {"name": "a", "results": {"bpp": [0.01], "bpp_uniform": [0.013],
+                                        "steps": [5], "lpips": [0.5]}}  # fmt: skip
+    uniform = {"name": "b", "results": {"bpp": [0.02], "steps": [5], "lpips": [0.4]}}
+    curves = _curves([learned, uniform], "bpp", uniform_too=True)
+    assert curves["a"][0][0] == 0.01 and curves["a [uniform coding]"][0][0] == 0.013
+    assert "b [uniform coding]" not in curves  # already uniformly coded
+    at_uniform = _curves([learned, uniform], "bpp_uniform")
+    assert at_uniform["a"][0][0] == 0.013 and at_uniform["b"][0][0] == 0.02
