@@ -101,6 +101,17 @@ def test_distributions_do_not_depend_on_batch_or_threads():
         torch.set_num_threads(threads)
 
 
+def test_a_prior_cast_to_another_dtype_refuses_to_code():
+    prior = _prior()
+    m = _smooth_maps(1, (4, 6), 256)
+    (stream,) = prior.encode(m)
+    prior.to(torch.bfloat16)  # what model.to(torch.bfloat16) does to it
+    with pytest.raises(ValueError, match="must stay in float32"):
+        prior.decode(stream, (4, 6))
+    with pytest.raises(ValueError, match="must stay in float32"):
+        prior.encode(m)
+
+
 def test_hybrid_mode_sends_a_share_and_draws_the_rest_with_the_seed():
     prior = _prior()
     m = _smooth_maps(1, (8, 12), 256)

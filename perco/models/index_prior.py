@@ -259,6 +259,11 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
     def _integers(self) -> dict:
         """The fixed-point weights, built once and checked against the exactness bound."""
         if self._integer is None:
+            if any(p.dtype != torch.float32 for p in self.parameters()):
+                raise ValueError(
+                    "the index prior must stay in float32: its integer weights come from the "
+                    "float32 values it was fitted with (a model.to(dtype) cast it)"
+                )
             q = {}
             with torch.no_grad():
 
@@ -290,6 +295,10 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
     def load_state_dict(self, *args, **kwargs):
         self._integer = None
         return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: derive the integers again
+        self._integer = None
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
         self._integer = None
