@@ -60,3 +60,55 @@ def test_save_load_round_trip(tmp_path):
     assert back.config.in_channels == 32 and back.config.downsample == 4
     x = torch.randn(1, 32, 16, 16)
     torch.testing.assert_close(back(x), enc(x))
+
+
+def _compressai_attention(x, block):
+    """CompressAI's AttentionBlock from its description, on ``block``'s weights: residual
+    units ``relu(x + conv1x1(relu(conv3x3(relu(conv1x1(x))))))``, three for the trunk,
+    three and a 1×1 conv for the mask, ``x + trunk(x) · σ(mask(x))``."""
+    import torch.nn.functional as F
+
+    def unit(y, body):
+        c1, c2, c3 = body[0], body[2], body[4]
+        z = F.relu(F.conv2d(y, c1.weight, c1.bias))
+        z = F.relu(F.conv2d(z, c2.weight, c2.bias, padding=1))
+        return F.relu(y + F.conv2d(z, c3.weight, c3.bias))
+
+    a, b = x, x
+    for u in block.trunk:
+        a = unit(a, u.body)
+    for u in block.mask[:3]:
+        b = unit(b, u.body)
+    b = F.conv2d(b, block.mask[3].weight, block.mask[3].bias)
+    return x + a * torch.sigmoid(b)
+
+
+def test_attention_relu_computes_compressai_attention_blocks_on_the_same_weights():
+    from perco.models.hyper_encoder import AttentionBlock
+
+    torch.manual_seed(0)
+    linear = HyperEncoder(channels=16, out_channels=24)
+    relu = HyperEncoder(channels=16, out_channels=24, attention_relu=True)
+    relu.load_state_dict(linear.state_dict())  # the option adds no weights
+    x = torch.randn(2, 4, 16, 16)
+    assert not torch.allclose(linear(x), relu(x))
+    blocks = [m for m in relu.layers if isinstance(m, AttentionBlock)]
+    y = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(blocks[0](y), _compressai_attention(y, blocks[0]))
+    compressai = pytest.importorskip("compressai.layers", reason="the sprdiff extra")
+    reference = compressai.AttentionBlock(16)
+    mapped = {}
+    for key, value in blocks[0].state_dict().items():
+        key = key.replace("trunk.", "conv_a.").replace("mask.", "conv_b.").replace("body.", "conv.")
+        mapped[key] = value
+    reference.load_state_dict(mapped)
+    torch.testing.assert_close(blocks[0](y), reference(y))
+
+
+def test_attention_relu_enters_the_fingerprint_only_when_set():
+    from perco.testing import TINY_HYPER_ENCODER, tiny_perco
+
+    plain = tiny_perco()
+    same = tiny_perco(hyper_encoder={**TINY_HYPER_ENCODER, "attention_relu": False})
+    relu = tiny_perco(hyper_encoder={**TINY_HYPER_ENCODER, "attention_relu": True})
+    assert plain.fingerprint == same.fingerprint != relu.fingerprint

@@ -17,6 +17,11 @@ With N=192, M=320 on SD's 4-channel latent this gives 4,080,128 parameters at ×
 5,868,032 at ×8, the counts PerCo (SD) reports. The projection from M to the 32-dim
 codebook space belongs to the quantizer (``VectorQuantizer.project_in``), as in PerCo (SD)
 whose counts exclude it.
+
+One difference in the attention blocks: PerCo (SD) builds them with CompressAI's
+``AttentionBlock``, whose residual units end with a ReLU after the add; perco's models
+were trained with linear units. ``attention_relu=True`` computes CompressAI's version
+(same weights, same keys apart from the names), for checkpoints trained with it.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ __all__ = ["HyperEncoder"]
 class Bottleneck(nn.Module):
     """Residual bottleneck: 1×1 (C→C/2), 3×3, 1×1 (C/2→C), ReLU between, identity skip."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, relu: bool = False):
         super().__init__()
+        self.relu = relu  # a ReLU after the residual add (CompressAI's ResidualUnit)
         mid = channels // 2
         self.body = nn.Sequential(
             nn.Conv2d(channels, mid, 1),
@@ -46,20 +52,24 @@ class Bottleneck(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        y = x + self.body(x)
+        return torch.relu(y) if self.relu else y
 
 
 class AttentionBlock(nn.Module):
     """Simplified attention module of Cheng et al. (CVPR 2020): ``x + a(x) · σ(b(x))``.
 
     ``a`` is three bottlenecks; ``b`` is three bottlenecks and a 1×1 conv giving the mask.
+    ``relu``: each of those bottlenecks ends with a ReLU after its residual add, as in
+    CompressAI's ``AttentionBlock`` (its ``ResidualUnit``), which PerCo (SD)'s hyper-encoder
+    uses; without it (the default, and every model trained before the option) they do not.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, relu: bool = False):
         super().__init__()
-        self.trunk = nn.Sequential(*(Bottleneck(channels) for _ in range(3)))
+        self.trunk = nn.Sequential(*(Bottleneck(channels, relu) for _ in range(3)))
         self.mask = nn.Sequential(
-            *(Bottleneck(channels) for _ in range(3)), nn.Conv2d(channels, channels, 1)
+            *(Bottleneck(channels, relu) for _ in range(3)), nn.Conv2d(channels, channels, 1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +94,10 @@ class HyperEncoder(ModelMixin, ConfigMixin):
         out_channels: width ``M`` of the output, projected to the codebook space by the
             quantizer.
         blocks_per_group: residual bottlenecks per group (three groups: nine in total).
+        attention_relu: a ReLU after each residual unit inside the two attention blocks,
+            as CompressAI's ``AttentionBlock`` computes them (PerCo (SD)'s hyper-encoder);
+            ``False`` (the default) keeps the units linear after the add, as every
+            perco model trained so far. The weights are the same either way.
     """
 
     @register_to_config
@@ -94,6 +108,7 @@ class HyperEncoder(ModelMixin, ConfigMixin):
         channels: int = 192,
         out_channels: int = 320,
         blocks_per_group: int = 3,
+        attention_relu: bool = False,
     ):
         super().__init__()
         if downsample not in (1, 2, 4, 8):
@@ -106,8 +121,9 @@ class HyperEncoder(ModelMixin, ConfigMixin):
             layers.append(_entry(width, channels, downsample=group >= 3 - num_down))
             layers.extend(Bottleneck(channels) for _ in range(blocks_per_group))
             if group == 1:
-                layers.append(AttentionBlock(channels))
-        layers += [nn.Conv2d(channels, out_channels, 1), AttentionBlock(out_channels)]
+                layers.append(AttentionBlock(channels, attention_relu))
+        layers.append(nn.Conv2d(channels, out_channels, 1))
+        layers.append(AttentionBlock(out_channels, attention_relu))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:

@@ -292,6 +292,8 @@ class PerCo(nn.Module):
         for key, default in (("local", "quantized"), ("text", True), ("steps", None)):
             if settings[key] == default:
                 del settings[key]
+        if self.hyper_encoder.config.get("attention_relu"):  # same weights, other outputs
+            settings["hyper_encoder_attention_relu"] = True
         return {
             **settings,
             **variant,
