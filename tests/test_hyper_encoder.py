@@ -83,26 +83,37 @@ def _compressai_attention(x, block):
     return x + a * torch.sigmoid(b)
 
 
-def test_attention_relu_computes_compressai_attention_blocks_on_the_same_weights():
+def _attention_blocks(encoder):
     from perco.models.hyper_encoder import AttentionBlock
 
+    return [m for m in encoder.layers if isinstance(m, AttentionBlock)]
+
+
+def test_attention_relu_computes_compressai_attention_blocks_on_the_same_weights():
     torch.manual_seed(0)
     linear = HyperEncoder(channels=16, out_channels=24)
     relu = HyperEncoder(channels=16, out_channels=24, attention_relu=True)
     relu.load_state_dict(linear.state_dict())  # the option adds no weights
     x = torch.randn(2, 4, 16, 16)
     assert not torch.allclose(linear(x), relu(x))
-    blocks = [m for m in relu.layers if isinstance(m, AttentionBlock)]
     y = torch.randn(2, 16, 8, 8)
-    torch.testing.assert_close(blocks[0](y), _compressai_attention(y, blocks[0]))
+    block = _attention_blocks(relu)[0]
+    torch.testing.assert_close(block(y), _compressai_attention(y, block))
+
+
+@pytest.mark.sprdiff
+def test_attention_relu_equals_compressai_attention_block():
     compressai = pytest.importorskip("compressai.layers", reason="the sprdiff extra")
+    torch.manual_seed(0)
+    block = _attention_blocks(HyperEncoder(channels=16, out_channels=24, attention_relu=True))[0]
     reference = compressai.AttentionBlock(16)
     mapped = {}
-    for key, value in blocks[0].state_dict().items():
+    for key, value in block.state_dict().items():
         key = key.replace("trunk.", "conv_a.").replace("mask.", "conv_b.").replace("body.", "conv.")
         mapped[key] = value
     reference.load_state_dict(mapped)
-    torch.testing.assert_close(blocks[0](y), reference(y))
+    y = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(block(y), reference(y))
 
 
 def test_attention_relu_enters_the_fingerprint_only_when_set():
