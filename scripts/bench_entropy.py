@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from perco import codec
-from perco.data.latent_crops import cached_latents, image_files
+from perco.cli.fit_prior import folder_latents, split_maps
 from perco.io import load_image
 from perco.losses import load_lpips
-from perco.models.index_prior import index_maps, unigram_bits
+from perco.models.index_prior import unigram_bits
 from perco.models.loading import load_model
 from perco.timing import OtherLoad, repeat
 
@@ -54,20 +54,7 @@ def _perplexity(maps: list[np.ndarray], v: int) -> float:
 
 def _training_maps(model, folders: list[Path], cache: Path) -> list[np.ndarray]:
     """The maps ``perco fit-prior`` fitted on (every tenth image held out)."""
-    ae = model.autoencoder
-    raw = cached_latents(ae.raw_encode, folders, cache)
-    files = image_files(folders)
-    names = sorted(files)
-    held_out = set(names[::10])
-    maps = []
-    for n in names:
-        if n in held_out:
-            continue
-        x = load_image(files[n])
-        h, w = raw[n].shape[-2:]
-        z = ((raw[n][None] - ae.latent_mean) / ae.latent_std)[0]
-        maps += index_maps(model, z, x[0, :, : 8 * h, : 8 * w])
-    return maps
+    return split_maps(model, *folder_latents(model, folders, cache))[0]
 
 
 def measure(model, images: dict[str, torch.Tensor], train_maps, latents: dict) -> dict:

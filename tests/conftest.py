@@ -48,6 +48,40 @@ def mutate(draw, data: bytes, header_bytes: int) -> bytes:
     return bytes(data)
 
 
+def fuzz_reads(cases, fingerprint: bytes, seed_value: int, prior=None) -> dict:
+    """Read 10,000 mutated files drawn from ``cases`` (a strategy of ``(data, rate)``)
+    for a model with ``fingerprint`` (and ``prior``): each must end in a
+    ``BitstreamError`` or a valid decode of exactly that file; returns the counts."""
+    from hypothesis import HealthCheck, given, seed, settings
+
+    from perco import bitstream
+
+    counts = {"total": 0, "payload": 0, "valid": 0}
+
+    @seed(seed_value)
+    @settings(
+        max_examples=10_000, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(cases)
+    def fuzz(case):
+        data, rate = case
+        counts["total"] += 1
+        try:
+            header = bitstream.read_header(data)
+            bitstream.check_model(header, fingerprint=fingerprint, rate=rate)
+            counts["payload"] += 1
+            image, info = bitstream.read_payload(data, header, rate=rate, prior=prior)
+        except bitstream.BitstreamError:
+            return
+        counts["valid"] += 1
+        assert info.file_bytes == len(data)
+        assert image.indices.max(initial=0) < rate.codebook_size
+
+    fuzz()
+    print(counts)
+    return counts
+
+
 def entry_point(name: str) -> str:
     """An installed command (``perco-eval``, ``accelerate``, ...) of the environment of
     this interpreter, not whatever ``PATH`` finds first."""

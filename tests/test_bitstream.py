@@ -4,8 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import mutate
-from hypothesis import HealthCheck, given, seed, settings
+from conftest import fuzz_reads, mutate
 from hypothesis import strategies as st
 
 from perco import bitstream
@@ -178,29 +177,7 @@ def mutated(draw):
 
 
 def test_mutated_files_end_in_bitstream_error_or_a_valid_decode():
-    counts = {"total": 0, "payload": 0, "valid": 0}
-
-    @seed(20241122)
-    @settings(
-        max_examples=10_000, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
-    @given(mutated())
-    def fuzz(case):
-        data, rate = case
-        counts["total"] += 1
-        try:
-            header = bitstream.read_header(data)
-            bitstream.check_model(header, fingerprint=FP, rate=rate)
-            counts["payload"] += 1
-            image, info = bitstream.read_payload(data, header, rate=rate)
-        except BitstreamError:
-            return
-        counts["valid"] += 1
-        assert info.file_bytes == len(data)
-        assert image.indices.max(initial=0) < rate.codebook_size
-
-    fuzz()
-    print(counts)
+    counts = fuzz_reads(mutated(), FP, 20241122)
     assert counts["total"] >= 10_000
     assert counts["payload"] >= counts["total"] / 2
 

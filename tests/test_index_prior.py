@@ -9,8 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import mutate
-from hypothesis import HealthCheck, given, seed, settings
+from conftest import fuzz_reads, mutate
 from hypothesis import strategies as st
 
 from perco import bitstream, codec
@@ -289,32 +288,12 @@ PRIOR_FILES = _valid_prior_files()
 
 @st.composite
 def mutated(draw):
-    return mutate(draw, draw(st.sampled_from(PRIOR_FILES)), bitstream.HEADER_BYTES)
+    data = mutate(draw, draw(st.sampled_from(PRIOR_FILES)), bitstream.HEADER_BYTES)
+    return data, RATE
 
 
 def test_mutated_prior_coded_files_end_in_bitstream_error_or_a_valid_decode():
-    counts = {"total": 0, "payload": 0, "valid": 0}
-
-    @seed(20261130)
-    @settings(
-        max_examples=10_000, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
-    @given(mutated())
-    def fuzz(data):
-        counts["total"] += 1
-        try:
-            header = bitstream.read_header(data)
-            bitstream.check_model(header, fingerprint=FP, rate=RATE)
-            counts["payload"] += 1
-            image, info = bitstream.read_payload(data, header, rate=RATE, prior=PRIOR)
-        except BitstreamError:
-            return
-        counts["valid"] += 1
-        assert info.file_bytes == len(data)
-        assert image.indices.max(initial=0) < RATE.codebook_size
-
-    fuzz()
-    print(counts)
+    counts = fuzz_reads(mutated(), FP, 20261130, prior=PRIOR)
     assert counts["total"] >= 10_000
     assert counts["payload"] >= counts["total"] / 2
 

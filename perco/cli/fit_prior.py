@@ -54,35 +54,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the fitting record as JSON")
 
 
-def _latents(model, args) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
-    """``{name: normalised latent}``, ``{name: pixels}`` and a description of the data."""
+def folder_latents(
+    model, folders: list[Path], cache: Path | None = None, max_images: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``{name: normalised latent}`` and ``{name: pixels}`` of the images in ``folders``.
+
+    ``cache``: the training data's latent cache, read if it exists, else written. For an
+    autoencoder with raw latents (TAEF2) it holds those, normalised here as
+    :mod:`perco.models.taef2` normalises them."""
     ae = model.autoencoder
-    if args.images:
-        files = image_files(args.images)
-        names = sorted(files)[: args.max_images]
-        if not names:
-            raise ValueError("no images in " + ", ".join(map(str, args.images)))
-        if args.latent_cache is not None and hasattr(ae, "raw_encode"):
-            # the training data's cache holds raw latents (see perco.models.taef2)
-            raw = cached_latents(ae.raw_encode, args.images, args.latent_cache)
-            latents = {n: ((raw[n][None] - ae.latent_mean) / ae.latent_std)[0] for n in names}
-        elif args.latent_cache is not None:
-            latents = cached_latents(ae.encode_pixels, args.images, args.latent_cache)
-        else:
-            latents = None
-        pixels = {}
-        for n in names:
-            x = load_image(files[n])
-            h, w = (s - s % 8 for s in x.shape[-2:])
-            pixels[n] = x[0, :, :h, :w]
-        if latents is None:
-            with torch.no_grad():
-                latents = {n: ae.encode_pixels(pixels[n][None].to(model.device))[0].cpu()
-                           for n in names}  # fmt: skip
-        source = "images: " + ", ".join(str(f) for f in args.images)
-        return {n: latents[n] for n in names}, pixels, source
+    files = image_files(folders)
+    names = sorted(files)[:max_images]
+    if not names:
+        raise ValueError("no images in " + ", ".join(map(str, folders)))
+    if cache is not None and hasattr(ae, "raw_encode"):
+        raw = cached_latents(ae.raw_encode, folders, cache)
+        latents = {n: ((raw[n][None] - ae.latent_mean) / ae.latent_std)[0] for n in names}
+    elif cache is not None:
+        latents = cached_latents(ae.encode_pixels, folders, cache)
+    else:
+        latents = None
+    pixels = {}
+    for n in names:
+        x = load_image(files[n])
+        h, w = (s - s % 8 for s in x.shape[-2:])
+        pixels[n] = x[0, :, :h, :w]
+    if latents is None:
+        with torch.no_grad():
+            latents = {n: ae.encode_pixels(pixels[n][None].to(model.device))[0].cpu()
+                       for n in names}  # fmt: skip
+    return {n: latents[n] for n in names}, pixels
+
+
+def _shard_latents(model, args) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from ..data.shards import shard_dataset
 
+    ae = model.autoencoder
     stream = shard_dataset(args.shards, crop_size=args.crop, random_crop=False, flip=False)
     latents, pixels = {}, {}
     with torch.no_grad():
@@ -96,7 +103,26 @@ def _latents(model, args) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
                 break
     if not latents:
         raise ValueError(f"no readable images in {args.shards}")
-    return latents, pixels, f"shards: {args.shards} ({args.crop}-px centre crops)"
+    return latents, pixels
+
+
+def split_maps(
+    model, latents: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor], phases: int = 4
+) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """The fitting maps (every window offset of each image) and the held-out maps (one
+    unshifted window of every tenth image, in name order), and how many maps an image
+    gives (the first image)."""
+    names = sorted(latents)
+    held_out = set(names[::10]) if len(names) >= 2 else set()
+    train, valid, per_image = [], [], 0
+    for n in names:
+        maps = index_maps(model, latents[n], pixels[n], phases)
+        per_image = per_image or len(maps)  # (the first image's: all share a size class)
+        if n in held_out:
+            valid.append(maps[0])
+        else:
+            train.extend(maps)
+    return train, valid, per_image
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,15 +131,15 @@ def run(args: argparse.Namespace) -> int:
     if model.config.local != "quantized":
         raise ValueError("this model is an ablation without indices; there is nothing to code")
     start = time.perf_counter()
-    latents, pixels, source = _latents(model, args)
-    names = sorted(latents)
-    valid_names = set(names[::10]) if len(names) >= 2 else set()
-    train, valid = [], []
-    for n in names:
-        maps = index_maps(model, latents[n], pixels[n], args.phases)
-        (valid if n in valid_names else train).extend(maps[:1] if n in valid_names else maps)
+    if args.images:
+        latents, pixels = folder_latents(model, args.images, args.latent_cache, args.max_images)
+        source = "images: " + ", ".join(str(f) for f in args.images)
+    else:
+        latents, pixels = _shard_latents(model, args)
+        source = f"shards: {args.shards} ({args.crop}-px centre crops)"
+    train, valid, per_image = split_maps(model, latents, pixels, args.phases)
     if not train or not valid:
-        raise ValueError(f"{len(names)} images are too few to fit and check a prior")
+        raise ValueError(f"{len(latents)} images are too few to fit and check a prior")
     v = model.rate.codebook_size
 
     def log(line: str) -> None:
@@ -130,9 +156,9 @@ def run(args: argparse.Namespace) -> int:
     count = sum(m.size for m in valid)
     record = {
         "fitted_on": source,
-        "images": len(names) - len(valid_names),
-        "valid_images": len(valid_names),
-        "maps_per_image": len(index_maps(model, latents[names[0]], pixels[names[0]], args.phases)),
+        "images": len(latents) - len(valid),
+        "valid_images": len(valid),
+        "maps_per_image": per_image,
         "steps": args.steps,
         "best_step": record["step"],
         "valid_bits_per_index": round(record["valid_bits_per_index"], 4),

@@ -70,6 +70,7 @@ under 1/16 bit per index on average pays the few padding bytes).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +85,6 @@ from torch import nn
 from ..bitstream import BitstreamError, pack_indices, unpack_indices
 from ..range_coding import decoder as range_decoder
 from ..range_coding import shortest_prefix, to_bytes
-from ..rates import packed_bits
 
 __all__ = [
     "IndexPrior",
@@ -171,9 +171,6 @@ class UniformPrior(IndexPrior):
     def ideal_bits(self, indices: np.ndarray) -> np.ndarray:
         b = np.asarray(indices).shape[0]
         return np.full(b, indices[0].size * math.log2(self.codebook_size))
-
-    def stream_bytes(self, count: int) -> int:
-        return (packed_bits(count, self.codebook_size) + 7) // 8
 
 
 def _exp_table() -> torch.Tensor:
@@ -289,7 +286,7 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
                     raise ValueError("index prior weights are too large for exact coding")
             if not torch.equal(q["table"], q["table"].round()) or q["table"].min() < 1:
                 raise ValueError("index prior probability table must hold positive integers")
-            self._integer = {k: v for k, v in q.items()}
+            self._integer = q
         return self._integer
 
     def load_state_dict(self, *args, **kwargs):
@@ -403,6 +400,7 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
         return flat.reshape(h, w), code
 
 
+@functools.cache
 def _keep_model():
     import constriction
 
