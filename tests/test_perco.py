@@ -308,3 +308,36 @@ def test_ablations_condition_on_continuous_or_no_local_context(images, local):
         codec.compress(model, images)
     with pytest.raises(ValueError, match="local must be"):
         tiny_perco("r0.0059", local="zero")
+
+
+def test_posterior_sample_draws_from_the_vae_posterior_reproducibly(images):
+    mode = tiny_perco("r0.1250").eval()
+    sample = tiny_perco("r0.1250", posterior="sample").eval()
+    assert sample.autoencoder.posterior == "sample" and mode.autoencoder.posterior == "mode"
+    x = images[:2]
+    padded = sample._pad(x)
+    drawn, mean = sample._latents(padded), mode._latents(padded)
+    assert not torch.equal(drawn, mean)  # a draw, not the mean
+    dist = sample.autoencoder.vae.encode(padded * 2 - 1).latent_dist
+    scale = sample.autoencoder.scaling_factor
+    # within a few posterior standard deviations of the mean, everywhere
+    assert ((drawn / scale - dist.mean).abs() <= 6 * dist.std).all()
+    # the same image gets the same draw, alone or in a batch (up to batched-conv rounding)
+    torch.testing.assert_close(sample._latents(padded[1:]), drawn[1:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(sample.encode(x).indices, sample.encode(x).indices)
+    # a setting that changes outputs: it enters the fingerprint (only when set)
+    assert mode.fingerprint != sample.fingerprint
+    assert "posterior" not in mode._settings() and sample._settings()["posterior"] == "sample"
+
+
+def test_posterior_sample_needs_a_vae():
+    from perco.models.config import PerCoConfig
+    from perco.models.taesd import TinyAutoencoder
+
+    m = tiny_perco("r0.1250")
+    with pytest.raises(ValueError, match="encodes deterministically"):
+        PerCo(
+            TinyAutoencoder(latent_channels=4), m.hyper_encoder, m.quantizer, m.unet,
+            m.text_encoder, m.tokenizer, m.null_text, m.scheduler,
+            PerCoConfig(rate="r0.1250", posterior="sample"),
+        )  # fmt: skip

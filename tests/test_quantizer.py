@@ -166,3 +166,79 @@ def test_kmeans_handles_fewer_points_than_clusters(n, k):
     x = torch.randn(n, 3)
     centroids, counts = quantizer_module.kmeans(x, k)
     assert centroids.shape == (k, 3) and counts.sum() == n
+
+
+# -- the cosine-similarity codebook (vector-quantize-pytorch's use_cosine_sim, PerCo (SD)) --
+def _cosine_reference(vq: VectorQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and projected codes as vector-quantize-pytorch's cosine codebook computes them
+    in eval mode, written out: a linear map to the codebook space, l2-normalise, the entry
+    of largest dot product, the stored entry looked up, a linear map back."""
+    w_in = vq.project_in.weight[:, :, 0, 0]
+    w_out = vq.project_out.weight[:, :, 0, 0]
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    z = rows @ w_in.t() + vq.project_in.bias
+    z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    indices = (z @ vq.embed.t()).argmax(dim=1)
+    out = vq.embed[indices] @ w_out.t() + vq.project_out.bias
+    b, _, h, w = x.shape
+    return indices.view(b, h, w), out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def test_cosine_codebook_picks_by_direction_not_distance():
+    # entries that are not unit vectors (a codebook set from outside) tell the two apart
+    entries = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    cosine, euclid = _vq(codebook_size=2, distance="cosine").eval(), _vq(codebook_size=2).eval()
+    cosine.embed.copy_(entries)
+    euclid.embed.copy_(entries)
+    point = _grid(torch.tensor([[0.5, 0.9]]))  # near entry 0, at 61°: closer in angle to 1
+    assert cosine.encode(point).item() == 1 and euclid.encode(point).item() == 0
+    # and the stored entry is what an index looks up, as vector-quantize-pytorch does
+    torch.testing.assert_close(cosine.lookup(torch.ones(1, 1, 1, dtype=torch.long))[0, :, 0, 0],
+                               entries[1])  # fmt: skip
+
+
+def test_cosine_codebook_matches_the_written_out_reference():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=32, dim=12, codebook_dim=4, distance="cosine").eval()
+    x = torch.randn(2, 12, 5, 3)
+    indices, projected = _cosine_reference(vq, x)
+    assert torch.equal(vq.encode(x), indices)
+    out = vq(x)
+    assert torch.equal(out.indices, indices)
+    torch.testing.assert_close(vq.project_out(out.codes), projected)
+    torch.testing.assert_close(vq.project_out(vq.lookup(indices)), projected)
+
+
+def test_cosine_codebook_stays_on_the_unit_sphere_in_training():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=8, dim=6, codebook_dim=3, distance="cosine",
+                         dead_code_threshold=0.5).train()  # fmt: skip
+    x = torch.randn(2, 6, 4, 4, requires_grad=True)
+    out = vq(x)  # k-means on unit vectors, then an EMA step and restarts
+    torch.testing.assert_close(vq.embed.norm(dim=1), torch.ones(8))
+    # straight-through codes and the commitment term use the normalised projection
+    z = vq.project(x)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 4, 4))
+    expected = torch.nn.functional.mse_loss(z.detach(), out.codes.detach())
+    torch.testing.assert_close(out.loss, expected)
+    out.codes.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for _ in range(3):
+        vq(torch.randn(2, 6, 4, 4))
+    torch.testing.assert_close(vq.embed.norm(dim=1), torch.ones(8))
+
+
+def test_unknown_distance_is_refused():
+    with pytest.raises(ValueError, match="distance must be"):
+        _vq(distance="manhattan")
+
+
+def test_cosine_distance_enters_the_fingerprint_only_when_set():
+    from perco.testing import TINY_QUANTIZER, tiny_perco
+
+    plain = tiny_perco(quantizer={**TINY_QUANTIZER, "distance": "euclidean"})
+    cosine = tiny_perco(quantizer={**TINY_QUANTIZER, "distance": "cosine"})
+    assert "quantizer_distance" not in plain._settings()  # every earlier model unchanged
+    assert cosine._settings()["quantizer_distance"] == "cosine"
+    cosine.quantizer.load_state_dict(plain.quantizer.state_dict())  # same weights
+    assert cosine.fingerprint != plain.fingerprint

@@ -61,14 +61,19 @@ class Autoencoder(nn.Module):
 class SDAutoencoder(Autoencoder):
     """diffusers ``AutoencoderKL`` with its scaling (and, where set, shift) factor applied.
 
-    Encoding takes the mode of the posterior, so a compression is deterministic.
+    Encoding takes the mode of the posterior (``posterior="mode"``), or a draw from it
+    (``"sample"``, as PerCo (SD) encodes) seeded per image with ``seed``, so that either
+    way a compression is deterministic and does not depend on the rest of the batch.
+    :class:`~perco.PerCo` sets ``posterior`` from its config.
     """
 
     name = "sd"
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, posterior: str = "mode", seed: int = 0):
         super().__init__()
         self.vae = vae
+        self.posterior = posterior
+        self.seed = seed
         cfg = vae.config
         self.latent_channels = cfg.latent_channels
         self.factor = 2 ** (len(cfg.block_out_channels) - 1)
@@ -76,7 +81,12 @@ class SDAutoencoder(Autoencoder):
         self.shift_factor = getattr(cfg, "shift_factor", None) or 0.0
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        if self.posterior == "sample":
+            seeded = [torch.Generator().manual_seed(self.seed) for _ in range(len(images))]
+            latents = posterior.sample(generator=seeded)
+        else:
+            latents = posterior.mode()
         return (latents - self.shift_factor) * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

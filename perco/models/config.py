@@ -52,6 +52,11 @@ class PerCoConfig:
             nudge the decoder off what it learned, so :meth:`PerCo.encode` refuses one.
         steps: decoding steps when a call asks for none; ``None``: the rung's default
             (20 below 0.05 bpp, 5 above). The one rule every command follows.
+        posterior: how a VAE's latent is read from its posterior. ``"mode"``: its mean
+            (deterministic; perco's default). ``"sample"``: a draw, as PerCo (SD) encodes
+            in training and in its compression script; the draw is seeded per image
+            (seed 0), so compressing an image twice still gives the same file. Only for
+            autoencoders with a posterior (SD's VAE).
     """
 
     rate: Rate
@@ -65,6 +70,7 @@ class PerCoConfig:
     local: Literal["quantized", "continuous", "none"] = "quantized"
     text: bool = True
     steps: int | None = None
+    posterior: Literal["mode", "sample"] = "mode"
 
     def __post_init__(self):
         if isinstance(self.rate, dict):
@@ -78,6 +84,8 @@ class PerCoConfig:
             raise ValueError(
                 f"local must be 'quantized', 'continuous' or 'none', got {self.local!r}"
             )
+        if self.posterior not in ("mode", "sample"):
+            raise ValueError(f"posterior must be 'mode' or 'sample', got {self.posterior!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -115,6 +115,8 @@ class PerCo(nn.Module):
         self.scheduler = scheduler
         self.config = config
         self._check_consistency()
+        if isinstance(autoencoder, SDAutoencoder):
+            autoencoder.posterior = config.posterior
         # frozen in every finetuning mode (paper §4.1)
         self.autoencoder.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
@@ -289,11 +291,15 @@ class PerCo(nn.Module):
         settings = self.config.to_dict()
         # settings added later enter the fingerprint only when set, so models from before
         # them keep theirs (and their files still decode)
-        for key, default in (("local", "quantized"), ("text", True), ("steps", None)):
+        later = (("local", "quantized"), ("text", True), ("steps", None), ("posterior", "mode"))
+        for key, default in later:
             if settings[key] == default:
                 del settings[key]
-        if self.hyper_encoder.config.get("attention_relu"):  # same weights, other outputs
+        # options that change the outputs of the same weights (PerCo (SD)'s)
+        if self.hyper_encoder.config.get("attention_relu"):
             settings["hyper_encoder_attention_relu"] = True
+        if self.quantizer.config.get("distance", "euclidean") != "euclidean":
+            settings["quantizer_distance"] = self.quantizer.config.distance
         return {
             **settings,
             **variant,
@@ -334,6 +340,11 @@ class PerCo(nn.Module):
                 f"rate {rate.name} wants downsample {rate.downsample} and V={rate.codebook_size}, "
                 f"but the hyper-encoder downsamples by {he.downsample} and the codebook has "
                 f"{vq.codebook_size} entries"
+            )
+        if self.config.posterior != "mode" and not isinstance(self.autoencoder, SDAutoencoder):
+            raise ValueError(
+                f"posterior={self.config.posterior!r} needs a VAE with a posterior (SD's); "
+                f"the {self.autoencoder.name} autoencoder encodes deterministically"
             )
         if he.in_channels != self.autoencoder.latent_channels:
             raise ValueError(
@@ -436,7 +447,7 @@ class PerCo(nn.Module):
             hyper = self.hyper_encoder(self._hyper_input(latents, padded))
             return self.quantizer(hyper, generator)
         if local == "continuous":
-            z = self.quantizer.project_in(self.hyper_encoder(self._hyper_input(latents, padded)))
+            z = self.quantizer.project(self.hyper_encoder(self._hyper_input(latents, padded)))
         else:
             h, w = (s // self.rate.downsample for s in latents.shape[-2:])
             z = latents.new_zeros(latents.shape[0], self.quantizer.config.codebook_dim, h, w)

@@ -21,6 +21,13 @@ Training-time codebook maintenance, all in fp32 whatever the autocast state:
 Under ``torch.distributed`` the counts and sums are all-reduced before the EMA update,
 and k-means and restarts are computed from the vectors of all ranks and broadcast from
 rank 0, so every rank keeps the same codebook.
+
+``distance="cosine"`` is the cosine-similarity codebook of vector-quantize-pytorch's
+``use_cosine_sim=True``, which PerCo (SD) trains with: the projected vector is
+l2-normalised, its code is the entry of largest dot product with it, the straight-through
+codes and the commitment term use the normalised vector, and the codebook stays on the
+unit sphere (k-means and the EMA update renormalise their means). The entry looked up
+for an index is the stored one, as there.
 """
 
 from __future__ import annotations
@@ -80,20 +87,29 @@ def _sample_rows(
 
 
 def kmeans(
-    x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    k: int,
+    iters: int = 10,
+    generator: torch.Generator | None = None,
+    cosine: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on the rows of ``x``; returns ``(centroids (k, d), counts (k,))``.
 
-    Empty clusters keep their previous centroid (and a count of zero).
+    Empty clusters keep their previous centroid (and a count of zero). ``cosine``: rows
+    and centroids are unit vectors, assigned by largest dot product (spherical k-means).
     """
     centroids = _sample_rows(x, k, generator)
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
-        assign = torch.cdist(x, centroids).argmin(dim=1)
+        if cosine:
+            assign = (x @ centroids.t()).argmax(dim=1)
+        else:
+            assign = torch.cdist(x, centroids).argmin(dim=1)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None]
+        means = sums[filled] / counts[filled, None]
+        centroids[filled] = F.normalize(means, dim=1) if cosine else means
     return centroids, counts
 
 
@@ -113,6 +129,9 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
             (0 disables restarts).
         kmeans_init: initialise the codebook by k-means on the first training batch.
         kmeans_iters: Lloyd iterations of that initialisation.
+        distance: ``"euclidean"`` (the paper's nearest entry) or ``"cosine"`` (unit
+            vectors, largest dot product: vector-quantize-pytorch's ``use_cosine_sim``,
+            PerCo (SD)'s codebook).
     """
 
     @register_to_config
@@ -127,13 +146,19 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
         dead_code_threshold: float = 1.0,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
+        distance: str = "euclidean",
     ):
         super().__init__()
+        if distance not in ("euclidean", "cosine"):
+            raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+        self.cosine = distance == "cosine"
         same = dim == codebook_dim
         self.project_in = nn.Identity() if same else nn.Conv2d(dim, codebook_dim, 1)
         self.project_out = nn.Identity() if same else nn.Conv2d(codebook_dim, dim, 1)
 
         embed = torch.randn(codebook_size, codebook_dim)
+        if self.cosine:
+            embed = F.normalize(embed, dim=1)
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("cluster_size", torch.ones(codebook_size))
@@ -146,15 +171,28 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
         return F.embedding(indices, self.embed).permute(0, 3, 1, 2).contiguous()
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest entry (Euclidean) for each row of ``flat``, in fp32."""
+        """Index of the nearest entry for each row of ``flat``, in fp32: the smallest
+        Euclidean distance, or with ``distance="cosine"`` the largest dot product (rows
+        already normalised by :meth:`project`)."""
         embed = self.embed
+        if self.cosine:
+            return (flat @ embed.t()).argmax(dim=1)
         dist2 = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ embed.t() + embed.pow(2).sum(1)[None]
         return dist2.argmin(dim=1)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, dim, h, w)`` → the vectors that are quantized, ``(B, codebook_dim, h, w)``:
+        ``project_in``, then l2-normalised over channels with ``distance="cosine"``."""
+        z = self.project_in(x)
+        if self.cosine:
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                z = F.normalize(z.float(), dim=1)
+        return z
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Indices ``(B, h, w)`` of ``x (B, dim, h, w)``, leaving the codebook untouched."""
-        z = self.project_in(x)
+        z = self.project(x)
         b, c, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)
@@ -166,7 +204,7 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
 
         ``generator`` (CPU) drives the k-means initialisation and dead-code restarts.
         """
-        z = self.project_in(x)
+        z = self.project(x)
         b, c, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
@@ -199,7 +237,9 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
     def _kmeans_init(self, flat: torch.Tensor, generator: torch.Generator | None) -> None:
         samples = _gather_rows(flat)
         cfg = self.config
-        centroids, counts = kmeans(samples, cfg.codebook_size, cfg.kmeans_iters, generator)
+        centroids, counts = kmeans(
+            samples, cfg.codebook_size, cfg.kmeans_iters, generator, cosine=self.cosine
+        )
         self.embed.copy_(_broadcast(centroids))
         self.cluster_size.copy_(_broadcast(counts))
         self.embed_avg.copy_(self.embed * self.cluster_size[:, None])
@@ -219,7 +259,8 @@ class VectorQuantizer(ModelMixin, ConfigMixin):
         self.embed_avg.lerp_(sums, 1 - cfg.decay)
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + cfg.epsilon) / (total + cfg.codebook_size * cfg.epsilon)
-        self.embed.copy_(self.embed_avg / (smoothed * total)[:, None])
+        embed = self.embed_avg / (smoothed * total)[:, None]
+        self.embed.copy_(F.normalize(embed, dim=1) if self.cosine else embed)
 
         self._restart_dead_codes(flat, generator)
 
