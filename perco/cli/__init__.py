@@ -11,13 +11,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import compress, decompress, demo, fit_prior
+from . import compress, decompress, demo, fit_prior, import_checkpoint
 
 SUBCOMMANDS = {
     "compress": compress,
     "decompress": decompress,
     "demo": demo,
     "fit-prior": fit_prior,
+    "import-checkpoint": import_checkpoint,
 }
 
 

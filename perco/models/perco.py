@@ -122,6 +122,7 @@ class PerCo(nn.Module):
         self.text_encoder.requires_grad_(False)
         self.index_prior: ContextPrior | None = None  # fitted after training, if at all
         self.index_prior_record: dict | None = None  # how it was fitted (perco.json)
+        self.provenance: dict | None = None  # where imported weights came from (perco.json)
         self._fingerprint: bytes | None = None
 
     # -- construction ---------------------------------------------------------------
@@ -194,6 +195,7 @@ class PerCo(nn.Module):
         *,
         torch_dtype: torch.dtype | None = None,
         timestep_spacing: str | None = None,
+        unet: UNet2DConditionModel | None = None,
         **kwargs,
     ) -> PerCo:
         """Start PerCo from a Stable Diffusion checkpoint (a hub id or a local folder).
@@ -202,13 +204,15 @@ class PerCo(nn.Module):
         config (used with DDIM) from their subfolders; ``kwargs`` go to
         :meth:`from_components`. ``timestep_spacing`` (``leading``, ``trailing``,
         ``linspace``) replaces the scheduler config's; the model saves it with its
-        scheduler, so its files decode with it.
+        scheduler, so its files decode with it. ``unet``: a U-Net to use instead of the
+        checkpoint's (e.g. one whose weights come from elsewhere, built on the meta device).
         """
         from transformers import AutoTokenizer, CLIPTextModel
 
         load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         vae = SDAutoencoder.from_pretrained(pretrained, subfolder="vae", **load)
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **load)
+        if unet is None:
+            unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **load)
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **load)
         tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
         check_tokenizer(tokenizer, str(pretrained))

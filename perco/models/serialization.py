@@ -5,7 +5,8 @@ A folder holds one subfolder per component (``autoencoder/``, ``hyper_encoder/``
 ``scheduler/``, a variant's own, and ``index_prior/`` once one is fitted) and
 ``perco.json``: the :class:`PerCoConfig`, the variant name (which class :func:`load`
 builds), the autoencoder and scheduler classes, the model fingerprint that files carry,
-and, with a prior, ``index_prior``: its class and how it was fitted.
+with a prior ``index_prior`` (its class and how it was fitted), and for imported weights
+``imported_from`` (their format and source; see :mod:`perco.models.perco_sd`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def save(model, path: str | os.PathLike) -> None:
         if model.index_prior is not None:
             config["index_prior"] = {"class": type(model.index_prior).__name__,
                                      **(model.index_prior_record or {})}  # fmt: skip
+        if model.provenance is not None:
+            config["imported_from"] = model.provenance
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -114,6 +117,7 @@ def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
     autoencoder = raw.pop("autoencoder")
     stored_fingerprint = raw.pop("fingerprint", None)
     prior_record = raw.pop("index_prior", None)
+    provenance = raw.pop("imported_from", None)
     config = PerCoConfig(**raw)
     dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -137,6 +141,7 @@ def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
         if record.pop("class") != ContextPrior.__name__:
             raise ValueError(f"{path} holds an unknown index prior {prior_record['class']!r}")
         model.set_index_prior(ContextPrior.from_pretrained(path / "index_prior"), record)
+    model.provenance = provenance
     if stored_fingerprint is not None:
         model._fingerprint = bytes.fromhex(stored_fingerprint)
     return model
