@@ -9,7 +9,8 @@ Each ```bash block of README.md is preceded by ``<!-- readme-test: KIND -->``:
   ``--limit`` (see :func:`shrink`). A block can only use what an earlier block made, so
   an example can never point at a folder the main job does not create.
 - ``gpu``: checked, not run: Hydra commands compose (one job of a sweep), other commands accept
-  their options (each ``--option`` appears in ``--help``).
+  their options (each ``--option`` appears in ``--help``); the third-party tools of
+  :data:`EXTERNAL` (a download client) are left to their own documentation.
 - ``install``: package installs, which ``.ci/run`` itself performs as the README says.
 
 Commands of the SPRDiff-style model need the ``sprdiff`` extra (CompressAI pins
@@ -39,6 +40,7 @@ BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\n```bash\n(.*?)```", re.S)
 BIN = Path(sys.executable).parent
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
 HYDRA = {"perco-train": "perco.train.cli", "perco-eval": "perco.eval"}
+EXTERNAL = {"gdown"}  # not perco's and not installed here: Google Drive downloads
 SLURM = importlib.util.find_spec("hydra_plugins") is not None and (
     importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 )
@@ -203,6 +205,8 @@ def test_the_gpu_blocks_compose_and_parse():
                 name = {"perco.train.cli": "train", "perco.eval": "eval"}[module]
                 with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
                     compose(name, overrides=_one_job(overrides), return_hydra_config=True)
+            elif argv[0] in EXTERNAL:
+                continue
             else:
                 exe = argv[0] if argv[0] != "python" else argv[1]
                 prefix = [sys.executable, str(ROOT / exe)] if exe.endswith(".py") else [

@@ -63,6 +63,9 @@ def _caption_source(settings: EvalSettings) -> str:
     return f"file {settings.captions}"
 
 
+DRAW = "a draw from the VAE posterior, seeded per image (PerCo (SD)), not its mean"
+
+
 def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Backbones) -> dict:
     """Everything a results table must state (DESIGN: evaluation protocol)."""
     sched = model.sampler(settings.timestep_spacing).config
@@ -85,6 +88,8 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
     return {
         **data.describe(),
         "rate": model.rate.name,
+        **({"imported_from": model.provenance} if model.provenance else {}),
+        **({"vae_posterior": DRAW} if model.config.posterior == "sample" else {}),
         **prior,
         **({"ablation": ABLATIONS[model.config.local]} if model.config.local in ABLATIONS else {}),
         "model_fingerprint": model.fingerprint.hex(),

@@ -366,7 +366,7 @@ def import_perco_sd(
         "format": "perco-sd",
         "source": str(ckpt.path.resolve()),
         "rate": key,
-        "base": str(base),
+        "base": str(Path(base).resolve()) if Path(base).is_dir() else str(base),
         "hyper_enc": {k: cfg[k] for k in _HYPER_ENCODER_CONFIG},
         "tensors": len(hyper_source) + len(unet_source),
     }
