@@ -454,3 +454,51 @@ def test_the_parity_script_compares_and_fails_on_other_indices(imported, tmp_pat
         assert done.returncode == code, done.stderr[-2000:]
         assert done.stdout.strip().splitlines()[-1].startswith(verdict)
         assert ("indices equal               1.0000" in done.stdout) != tamper
+
+
+def test_bin_sharded_and_fp16_weight_files_are_read(tmp_path, base):
+    """Weights as diffusers may have saved them: a ``.bin`` (read with weights_only), shards
+    with an index, an fp16 variant; the imported model is float32 and the same."""
+    from diffusers import UNet2DConditionModel
+
+    reference = write_perco_sd(tmp_path / "a", pipeline=False)
+    variant = write_perco_sd(tmp_path / "b", pipeline=False)
+    hyper = variant / "hyper_enc"
+    state = load_file(hyper / "diffusion_pytorch_model.safetensors")
+    (hyper / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, hyper / "diffusion_pytorch_model.bin")
+    unet_dir = variant / "unet"
+    weights = load_file(unet_dir / "diffusion_pytorch_model.safetensors")
+    extended = {k: weights.pop(k) for k in ("conv_in_extended.weight", "conv_in_extended.bias")}
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
+    unet.load_state_dict(weights)
+    (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(unet_dir, max_shard_size="200KB")  # shards + index
+    index = json.loads((unet_dir / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    first = sorted(set(index["weight_map"].values()))[0]
+    shard = load_file(unet_dir / first)
+    shard.update(extended)
+    save_file(shard, unet_dir / first)
+    index["weight_map"].update(dict.fromkeys(extended, first))
+    (unet_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+    fp16 = write_perco_sd(tmp_path / "c", pipeline=False)
+    for part in ("hyper_enc", "unet"):
+        file = fp16 / part / "diffusion_pytorch_model.safetensors"
+        save_file({k: v.half() for k, v in load_file(file).items()},
+                  file.with_name("diffusion_pytorch_model.fp16.safetensors"))  # fmt: skip
+        file.unlink()
+
+    models = {}
+    for name, src in (("a", reference), ("b", variant), ("c", fp16)):
+        out = tmp_path / f"out_{name}"
+        assert main(["import-checkpoint", "perco-sd", str(src), "--rate", "0.0313",
+                     "--base", str(base), "-o", str(out)]) == 0  # fmt: skip
+        models[name] = PerCo.from_pretrained(out)
+    a, b, c = (models[k] for k in "abc")
+    for module in ("hyper_encoder", "quantizer", "unet"):
+        sa, sb, sc = (getattr(m, module).state_dict() for m in (a, b, c))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), module
+        assert all(sc[k].dtype == sa[k].dtype for k in sa), module
+        assert all(torch.equal(sc[k], sa[k].half().to(sa[k].dtype)) for k in sa), module
