@@ -502,3 +502,15 @@ def test_bin_sharded_and_fp16_weight_files_are_read(tmp_path, base):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), module
         assert all(sc[k].dtype == sa[k].dtype for k in sa), module
         assert all(torch.equal(sc[k], sa[k].half().to(sa[k].dtype)) for k in sa), module
+
+
+def test_a_whole_pipeline_folder_is_its_own_base(tmp_path, capsys):
+    """``pipeline.save_pretrained`` keeps SD 2.1's parts beside PerCo (SD)'s: offline, the
+    checkpoint folder can stand in for ``--base`` (its ``unet/`` config is SD's)."""
+    src = write_perco_sd(tmp_path / "pipeline", cfg_ss=8, cfg_cs=256)
+    out = tmp_path / "out"
+    assert main(["import-checkpoint", "perco-sd", str(src), "--rate", "0.0019",
+                 "--base", str(src), "-o", str(out), "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["base"] == str(src.resolve())
+    model = PerCo.from_pretrained(out)
+    assert model.rate.name == "r0.0019" and model.default_steps == 20
