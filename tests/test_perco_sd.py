@@ -514,3 +514,28 @@ def test_a_whole_pipeline_folder_is_its_own_base(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["base"] == str(src.resolve())
     model = PerCo.from_pretrained(out)
     assert model.rate.name == "r0.0019" and model.default_steps == 20
+
+
+def test_the_perco_sd_training_experiment_has_the_imported_settings(imported, base):
+    """``experiment=perco_sd`` trains what ``import-checkpoint perco-sd`` loads: the same
+    PerCoConfig, quantizer and hyper-encoder options, null text and scheduler."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from perco import CONFIG_DIR
+
+    model = PerCo.from_pretrained(imported[1])
+    tiny = [f"model.hyper_encoder.channels={N}", f"model.hyper_encoder.out_channels={M}",
+            f"model.quantizer.codebook_dim={CODEBOOK_DIM}"]  # fmt: skip
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=perco_sd", f"model.pretrained={base}",
+                                          "rate=r0.0313", *tiny])  # fmt: skip
+    trained = instantiate(cfg.model)
+
+    def public(config):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    assert trained.config == model.config
+    for part in ("quantizer", "hyper_encoder", "scheduler", "null_text"):
+        assert public(getattr(trained, part).config) == public(getattr(model, part).config)
+    assert trained._settings() == model._settings()

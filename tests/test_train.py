@@ -140,7 +140,10 @@ def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
     tiny = compose_train("experiment=tiny")
     assert tiny.model._target_ == "perco.testing.tiny_perco"
     assert tiny.trainer.mixed_precision == "no"
-    assert compose_train("experiment=perco_sd").model.quantizer.commitment_weight == 0.0
+    sd = compose_train("experiment=perco_sd").model  # PerCo (SD)'s settings, as imported
+    assert sd.quantizer.commitment_weight == 0.0 and sd.quantizer.distance == "cosine"
+    assert sd.hyper_encoder.attention_relu and sd.posterior == "sample"
+    assert (sd.timestep_spacing, sd.learned_null_text) == ("leading", False)
 
 
 def test_train_yaml_holds_only_a_defaults_list():
