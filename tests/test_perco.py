@@ -325,6 +325,9 @@ def test_posterior_sample_draws_from_the_vae_posterior_reproducibly(images):
     # the same image gets the same draw, alone or in a batch (up to batched-conv rounding)
     torch.testing.assert_close(sample._latents(padded[1:]), drawn[1:], atol=1e-5, rtol=1e-5)
     assert torch.equal(sample.encode(x).indices, sample.encode(x).indices)
+    # a training step draws afresh from its own generator
+    fresh = [sample._latents(padded, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    assert not torch.equal(fresh[0], fresh[1]) and not torch.equal(fresh[0], drawn)
     # a setting that changes outputs: it enters the fingerprint (only when set)
     assert mode.fingerprint != sample.fingerprint
     assert "posterior" not in mode._settings() and sample._settings()["posterior"] == "sample"

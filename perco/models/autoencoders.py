@@ -42,9 +42,9 @@ class Autoencoder(nn.Module):
         """Normalised latents → images in ``[-1, 1]`` (not clamped)."""
         raise NotImplementedError
 
-    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
         """Images in ``[0, 1]`` (the project's pixel range) → normalised latents."""
-        return self.encode(images * 2 - 1)
+        return self.encode(images * 2 - 1, **kwargs)
 
     def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents → float32 images in ``[0, 1]`` (not clamped)."""
@@ -63,8 +63,9 @@ class SDAutoencoder(Autoencoder):
 
     Encoding takes the mode of the posterior (``posterior="mode"``), or a draw from it
     (``"sample"``, as PerCo (SD) encodes) seeded per image with ``seed``, so that either
-    way a compression is deterministic and does not depend on the rest of the batch.
-    :class:`~perco.PerCo` sets ``posterior`` from its config.
+    way a compression is deterministic and does not depend on the rest of the batch; a
+    training step passes its own generator for a fresh draw. :class:`~perco.PerCo` sets
+    ``posterior`` from its config.
     """
 
     name = "sd"
@@ -80,11 +81,15 @@ class SDAutoencoder(Autoencoder):
         self.scaling_factor = cfg.scaling_factor
         self.shift_factor = getattr(cfg, "shift_factor", None) or 0.0
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``generator``: draws the posterior sample (``posterior="sample"``) instead of the
+        per-image seeded generators."""
         posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         if self.posterior == "sample":
             seeded = [torch.Generator().manual_seed(self.seed) for _ in range(len(images))]
-            latents = posterior.sample(generator=seeded)
+            latents = posterior.sample(generator=generator or seeded)
         else:
             latents = posterior.mode()
         return (latents - self.shift_factor) * self.scaling_factor

@@ -54,9 +54,10 @@ class PerCoConfig:
             (20 below 0.05 bpp, 5 above). The one rule every command follows.
         posterior: how a VAE's latent is read from its posterior. ``"mode"``: its mean
             (deterministic; perco's default). ``"sample"``: a draw, as PerCo (SD) encodes
-            in training and in its compression script; the draw is seeded per image
-            (seed 0), so compressing an image twice still gives the same file. Only for
-            autoencoders with a posterior (SD's VAE).
+            in training and in its compression script; when encoding, the draw is seeded
+            per image (seed 0), so compressing an image twice gives the same file, and a
+            training step draws afresh from its generator. Only for autoencoders with a
+            posterior (SD's VAE).
     """
 
     rate: Rate

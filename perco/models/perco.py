@@ -426,9 +426,15 @@ class PerCo(nn.Module):
         cols = torch.arange(gw, device=indices.device).clamp(max=w - 1)
         return indices[:, rows][:, :, cols]
 
-    def _latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in ``[0, 1]`` (already padded) → frozen-autoencoder latents."""
+    def _latents(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images in ``[0, 1]`` (already padded) → frozen-autoencoder latents. With
+        ``posterior="sample"``, ``generator`` draws them (a training step's fresh draw);
+        without it each image's draw is seeded (encoding is deterministic)."""
         with torch.no_grad():
+            if generator is not None and self.config.posterior == "sample":
+                return self.autoencoder.encode_pixels(images, generator=generator)
             return self.autoencoder.encode_pixels(images)
 
     def _z_l(self, codes: torch.Tensor) -> torch.Tensor:
@@ -501,7 +507,7 @@ class PerCo(nn.Module):
         images = None if images is None else images.to(self.device)
         padded = None if images is None else self._pad(images)
         if latents is None:
-            latents = self._latents(padded)
+            latents = self._latents(padded, generator)
         else:
             if latents.shape[1] != self.autoencoder.latent_channels:
                 raise ValueError(
