@@ -15,9 +15,9 @@ compression script does (512×512 bicubic resize, VAE posterior draw, indices, `
 CFG 3.0 against the empty prompt, DDIM at the rung's steps) with a CPU generator of a
 fixed seed, and saves what went in and what came out (``--out``). Step 2 gives perco the
 same latent, caption and seed, and prints how far apart the two are: the indices must be
-identical and the decoded images at least ``--min-psnr`` dB apart in PSNR (different
-diffusers versions and GPU kernels may change the last bits, nothing more). Exit
-status 1 otherwise.
+identical and the PSNR between the two decoded images at least ``--min-psnr`` dB
+(different diffusers versions and GPU kernels may change the last bits, nothing more).
+Exit status 1 otherwise.
 """
 
 from __future__ import annotations
