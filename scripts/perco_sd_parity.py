@@ -41,11 +41,12 @@ def reference(args: argparse.Namespace) -> None:
     from transformers import CLIPTextModel, CLIPTokenizer
     from unet_2d_perco import UNet2DConditionModel
 
-    record = json.loads((args.model / "perco.json").read_text()).get("imported_from")
+    config = json.loads((args.model / "perco.json").read_text())
+    record = config.get("imported_from")
     if not record or record.get("format") != "perco-sd":
         sys.exit(f"{args.model} was not imported from PerCo (SD) (no imported_from record)")
     ckpt, base = record["source"], record["base"]
-    steps = args.steps or json.loads((args.model / "perco.json").read_text())["rate"]["steps"]
+    steps = args.steps or config["rate"]["steps"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = StableDiffusionPipelinePerco(
         vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),

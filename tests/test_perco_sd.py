@@ -107,6 +107,12 @@ def write_perco_sd(path, cfg_ss=32, cfg_cs=256, *, pipeline=True, seed=0, hyper=
     return path
 
 
+def import_checkpoint(src, rate, base, out, *extra) -> int:
+    """``perco import-checkpoint perco-sd SRC --rate RATE --base BASE -o OUT [extra]``."""
+    argv = ["import-checkpoint", "perco-sd", src, "--rate", rate, "--base", base, "-o", out]
+    return main([str(a) for a in (*argv, *extra)])
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """The Stable Diffusion the checkpoints were finetuned from (tiny, SD 2.1's scheduler)."""
@@ -117,8 +123,7 @@ def base(tmp_path_factory):
 def imported(tmp_path_factory, base):
     src = write_perco_sd(tmp_path_factory.mktemp("perco_sd") / "r0.0313")
     out = tmp_path_factory.mktemp("out") / "perco_sd_r0.0313"
-    assert main(["import-checkpoint", "perco-sd", str(src), "--rate", "0.0313",
-                 "--base", str(base), "-o", str(out)]) == 0  # fmt: skip
+    assert import_checkpoint(src, "0.0313", base, out) == 0
     return src, out
 
 
@@ -278,12 +283,11 @@ def test_the_rung_is_found_below_a_download_folder_and_checkpoint_layouts_import
     write_perco_sd(root / "perco_0.0019", cfg_ss=8, cfg_cs=256, seed=1)
     write_perco_sd(root / "runs" / "checkpoint-50000", cfg_ss=64, cfg_cs=64, pipeline=False)
     out = tmp_path / "out"
-    args = ["import-checkpoint", "perco-sd", str(root), "--base", str(base), "-o", str(out)]
-    assert main([*args, "--rate", "r0.0019", "--json"]) == 0
+    assert import_checkpoint(root, "r0.0019", base, out, "--json") == 0
     record = json.loads(capsys.readouterr().out)
     assert record["source"].endswith("perco_0.0019") and record["perco_rate"] == "r0.0019"
     # perco's name of PerCo (SD)'s 0.0937 rung, from a checkpoint-N folder (no pipeline)
-    assert main([*args, "--rate", "r0.0938"]) == 0
+    assert import_checkpoint(root, "r0.0938", base, out) == 0
     model = PerCo.from_pretrained(out)
     assert model.rate.name == "r0.0938" and model.hyper_encoder.config.downsample == 1
 
@@ -291,8 +295,7 @@ def test_the_rung_is_found_below_a_download_folder_and_checkpoint_layouts_import
 def test_the_0_0507_rung_keeps_its_codebook_of_8196(tmp_path, base):
     src = write_perco_sd(tmp_path / "src", cfg_ss=32, cfg_cs=8196, pipeline=False)
     out = tmp_path / "out"
-    assert main(["import-checkpoint", "perco-sd", str(src), "--rate", "0.0507",
-                 "--base", str(base), "-o", str(out)]) == 0  # fmt: skip
+    assert import_checkpoint(src, "0.0507", base, out) == 0
     model = PerCo.from_pretrained(out)
     rate = model.rate
     assert (rate.name, rate.downsample, rate.codebook_size, rate.steps) == ("r0.0507", 2, 8196, 5)
@@ -371,8 +374,7 @@ def test_refusals_are_one_line(case, tmp_path, capsys):
     break_it(src, base)
     out = tmp_path / "out"
     capsys.readouterr()
-    code = main(["import-checkpoint", "perco-sd", str(src), "--rate", rate,
-                 "--base", str(base), "-o", str(out)])  # fmt: skip
+    code = import_checkpoint(src, rate, base, out)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.startswith("perco import-checkpoint: error:") and err.count("\n") == 1, err
@@ -385,8 +387,7 @@ def test_an_unrelated_output_folder_is_not_replaced(tmp_path, base, capsys):
     out = tmp_path / "papers"
     out.mkdir()
     (out / "thesis.tex").write_text("keep me")
-    code = main(["import-checkpoint", "perco-sd", str(src), "--rate", "0.0313",
-                 "--base", str(base), "-o", str(out)])  # fmt: skip
+    code = import_checkpoint(src, "0.0313", base, out)
     assert code == 2 and "not replacing it" in capsys.readouterr().err
     assert (out / "thesis.tex").read_text() == "keep me"
 
@@ -493,8 +494,7 @@ def test_bin_sharded_and_fp16_weight_files_are_read(tmp_path, base):
     models = {}
     for name, src in (("a", reference), ("b", variant), ("c", fp16)):
         out = tmp_path / f"out_{name}"
-        assert main(["import-checkpoint", "perco-sd", str(src), "--rate", "0.0313",
-                     "--base", str(base), "-o", str(out)]) == 0  # fmt: skip
+        assert import_checkpoint(src, "0.0313", base, out) == 0
         models[name] = PerCo.from_pretrained(out)
     a, b, c = (models[k] for k in "abc")
     for module in ("hyper_encoder", "quantizer", "unet"):
@@ -509,8 +509,7 @@ def test_a_whole_pipeline_folder_is_its_own_base(tmp_path, capsys):
     checkpoint folder can stand in for ``--base`` (its ``unet/`` config is SD's)."""
     src = write_perco_sd(tmp_path / "pipeline", cfg_ss=8, cfg_cs=256)
     out = tmp_path / "out"
-    assert main(["import-checkpoint", "perco-sd", str(src), "--rate", "0.0019",
-                 "--base", str(src), "-o", str(out), "--json"]) == 0  # fmt: skip
+    assert import_checkpoint(src, "0.0019", src, out, "--json") == 0
     assert json.loads(capsys.readouterr().out)["base"] == str(src.resolve())
     model = PerCo.from_pretrained(out)
     assert model.rate.name == "r0.0019" and model.default_steps == 20

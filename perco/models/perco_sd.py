@@ -167,7 +167,7 @@ def find_checkpoint(src: str | os.PathLike, rate: str) -> PerCoSDCheckpoint:
                 "up to three folders below"
             )
         found = [PerCoSDCheckpoint.read(f) for f in folders]
-    matching = [c for c in found if tuple(c.rate_key) == want]
+    matching = [c for c in found if c.rate_key == want]
     if len(found) == 1 and not matching:
         side, size = found[0].rate_key
         raise CheckpointError(
@@ -248,7 +248,7 @@ def _mapped_state(
     """``target``'s keys filled from ``source`` by ``keys`` (perco key → (source key,
     value map)), in the target's dtypes; refuses on missing, unexpected or misshapen
     tensors, naming them as the source does."""
-    wanted = {src: perco for perco, (src, _) in keys.items()}
+    wanted = {src for src, _ in keys.values()}
     missing = sorted(src for src in wanted if src not in source)
     unexpected = sorted(k for k in source if k not in wanted and k not in ignored)
     if missing:
@@ -325,22 +325,24 @@ def import_perco_sd(
             "(SD) finetunes SD 2.1 with v-prediction (stabilityai/stable-diffusion-2-1)"
         )
     unet_config = ckpt.unet or base_unet
-    reference, own = _meta_unet(base_unet).state_dict(), _meta_unet(unet_config).state_dict()
-    differ = sorted(k for k in own if k not in reference or reference[k].shape != own[k].shape)
+    reference = _meta_unet(base_unet).state_dict()
+    unet = _meta_unet(unet_config)  # shapes only: checked, then widened as perco's
+    own = {k: v.shape for k, v in unet.state_dict().items()}
+    differ = sorted(k for k in own if k not in reference or reference[k].shape != own[k])
     differ += sorted(k for k in reference if k not in own)
     if differ:
         raise CheckpointError(f"the base model's U-Net ({base}) does not match the "
                               f"checkpoint's: {_listing(differ)}")  # fmt: skip
-    latent = own["conv_in.weight"].shape[1]
+    latent = own["conv_in.weight"][1]
     if latent != cfg["in_channels"]:
         raise CheckpointError(f"{ckpt.path}: the U-Net takes {latent} latent channels, the "
                               f"hyper-encoder {cfg['in_channels']}")  # fmt: skip
-    widened = widen_conv_in(_meta_unet(unet_config), cfg["M"])
+    widened = widen_conv_in(unet, cfg["M"]).state_dict()
     unet_source = read_weights(ckpt.path / "unet")
     unet_state = _mapped_state(
-        widened.state_dict(),
+        widened,
         unet_source,
-        {k: (_unet_source_key(k), _same) for k in widened.state_dict()},
+        {k: (_unet_source_key(k), _same) for k in widened},
         str(ckpt.path / "unet"),
         ignored=("conv_in.weight", "conv_in.bias"),  # SD's own, unused by its forward
     )
