@@ -34,20 +34,37 @@ file; the default header is 8 bytes. Format version 1, byte by byte (big-endian)
                 codes of the image embedding instead, packed like the indices
                 (``ceil(M·log2 V)`` bits; ``M`` and ``V`` are the decoding model's)
 
-Format version 2 is version 1 with the indices coded by the decoding model's learned
-index prior (:class:`perco.models.index_prior.ContextPrior`) instead of packed::
+Versions 2 to 4 change only the payload. The index coding and whether the file's end is
+checked follow from the version::
 
-    payload:
-      length    unsigned LEB128 varint: bytes of the index stream; present only when a
-                caption or image-embedding codes follow (otherwise the stream is the
-                rest of the file)
-      indices   the prior's range-coded stream: the kept share of the hybrid mode
-                first, then the indices in the prior's coding order
-      caption   as in version 1
+    version  indices                    stream lengths stored
+    1        packed (as above)          none: every stream ends where its decoder sees
+                                        (a zlib/DEFLATE caption, image codes or nothing)
+    2        learned prior (legacy)     the index stream's, only when a caption follows
+    3        packed                     the range-coded caption's (exact text, token ids)
+    4        learned prior              the index stream's, always; a range-coded caption's
 
-A writer uses version 1 whenever the indices are packed uniformly, so a model without a
-prior writes exactly the files it always wrote. The model fingerprint covers the prior,
-so a file is only read with the prior that coded it.
+    version 4 payload:
+      length    unsigned LEB128 varint: bytes of the index stream
+      indices   the prior's range-coded stream (:class:`perco.models.index_prior.ContextPrior`):
+                the kept share of the hybrid mode first, then the indices in the prior's
+                coding order
+      caption   as in version 1, except that a range-coded caption (codec id 4 or 5) is
+                preceded by its byte length (varint); version 3 is version 1 with that
+                length
+
+A range coder's stream has no end of its own: its decoder pads with zero bytes, so a cut
+stream or one with bytes appended still decodes, to other symbols and so to a realistic
+image of something else. Every stream of a version 3 or 4 file therefore ends where the
+file says: either its decoder checks its own end (packed indices have a fixed length,
+zlib and DEFLATE check theirs) or its length is stored, and the streams must end exactly
+at the end of the file. A cut or extended file is refused, whatever its length, with or
+without a CRC. The cost is the length field: one byte for a stream under 128 bytes, two
+under 16 KiB. Writers use version 1 when no stream needs a length (so those files are
+byte for byte what they always were), 3 for packed indices with a range-coded caption,
+and 4 for every prior-coded file. Versions 1 and 2 with a range-coded last stream are
+still read, as written before (the reader cannot check their end:
+:func:`end_checked`).
 
 Rate ids index :data:`perco.rates.RATES` in table order (0 = r0.0019 ... 7 = r0.1250);
 rungs added later get the next ids; 15 means "the decoding model's own custom rate".
@@ -58,10 +75,12 @@ DEFLATE, an exact-text arithmetic coder, and — for a model whose tokenizer the
 token model was fitted for — the token ids its text encoder reads (≈ 70 bits on COCO
 captions against zlib's ≈ 450).
 
-Integrity: the header, the payload length and the caption stream are checked on every
-read, but a flipped bit inside the index payload still decodes (to other indices) unless
-the file carries the optional CRC-16 (2 bytes, ≈0.00004 bpp at 768×512; ≈14% of a
-lowest-rung Kodak file with a short caption).
+Integrity: the header, the length of every stream and the end of the file are checked on
+every read, but a flipped bit inside a payload, or one in the image size that leaves the
+hyper-latent grid as it was, still decodes (to other indices, or another crop) unless the
+file carries the CRC-16 (2 bytes, ≈0.00004 bpp at 768×512). ``perco compress`` adds it
+by default (``--no-crc`` leaves it out); :func:`write` and :func:`perco.codec.compress`
+add it only when asked, as the paper's protocol counts no check in the bpp.
 """
 
 from __future__ import annotations
@@ -77,6 +96,7 @@ from .captioning.text_codec import (
     DEFLATE,
     EXTENDED,
     NONE,
+    RANGE_CODED,
     ZLIB,
     CaptionCodec,
     CaptionCodingError,
@@ -100,11 +120,16 @@ __all__ = [
     "read_header",
     "check_model",
     "read_payload",
+    "end_checked",
 ]
 
 MAGIC = 0xA7
-VERSION = 2  # the newest version this module reads and writes
-UNIFORM_VERSION, PRIOR_VERSION = 1, 2  # indices packed uniformly / coded by a learned prior
+VERSION = 4  # the newest version this module reads and writes
+UNIFORM_VERSION = 1  # packed indices, every stream self-delimiting
+LEGACY_PRIOR_VERSION = 2  # learned prior, end unchecked without a caption (read only)
+CHECKED_UNIFORM_VERSION = 3  # packed indices, then a length-prefixed range-coded caption
+PRIOR_VERSION = 4  # learned prior, every range-coded stream length-prefixed
+_PRIOR_VERSIONS = (LEGACY_PRIOR_VERSION, PRIOR_VERSION)
 HEADER_BYTES = 8  # without optional fields
 DEFAULT_SEED = 0
 CUSTOM_RATE_ID = 15
@@ -238,6 +263,8 @@ class Breakdown:
     index_coding: str = "uniform"
     uniform_file_bytes: int | None = None  # None: the file is uniformly coded
     uniform_index_bits: int | None = None  # log2 V bits per index (None: = index_bits)
+    version: int = UNIFORM_VERSION
+    crc: bool = False  # the file carries a CRC-16 (counted in file_bytes, not the payload)
 
     @property
     def pixels(self) -> int:
@@ -273,6 +300,8 @@ class Breakdown:
             if self.uniform_index_bits is None
             else self.uniform_index_bits,
             "bpp_uniform": self.bpp_uniform,
+            "format_version": self.version,
+            "crc": self.crc,
         }
 
 
@@ -289,7 +318,7 @@ def _read_varint(data: bytes, pos: int, field: str = "seed") -> tuple[int, int]:
     value = 0
     for shift in range(0, 70, 7):
         if pos >= len(data):
-            raise BitstreamError(f"truncated header ({field})")
+            raise BitstreamError(f"truncated file: it ends inside the {field}")
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -355,7 +384,11 @@ def write(
     large = max(height, width) > 1 << _SMALL_BITS
     has_seed = image.seed != DEFAULT_SEED
     extended = codec >= CAPTION_EXTENDED
-    version = PRIOR_VERSION if learned else UNIFORM_VERSION
+    caption_length = codec in RANGE_CODED
+    if learned:
+        version = PRIOR_VERSION
+    else:
+        version = CHECKED_UNIFORM_VERSION if caption_length else UNIFORM_VERSION
     flags = (version << 5) | (has_seed << 4) | (crc << 3) | (large << 2)
     flags |= CAPTION_EXTENDED if extended else codec
     bits = _LARGE_BITS if large else _SMALL_BITS
@@ -365,26 +398,28 @@ def write(
         header += _varint(image.seed)
     if extended:
         header += bytes([codec])
-    length = _varint(len(index_stream)) if learned and codec != CAPTION_NONE else b""
-    payload = length + index_stream + caption
+    payload = (_varint(len(index_stream)) if learned else b"") + index_stream
+    payload += (_varint(len(caption)) if caption_length else b"") + caption
     if crc:
         header += binascii.crc_hqx(header + payload, 0).to_bytes(2, "big")
     data = header + payload
-    return data, _breakdown(data, image.size, len(header) + len(length), index_stream, caption,
-                            codec, learned, h * w, image.rate.codebook_size)  # fmt: skip
+    return data, _breakdown(data, image.size, version, crc, index_stream, caption, codec,
+                            h * w, image.rate.codebook_size)  # fmt: skip
 
 
-def _breakdown(data, size, header_bytes, stream, caption, codec, learned, count, v) -> Breakdown:
+def _breakdown(data, size, version, crc, stream, caption, codec, count, v) -> Breakdown:
     uniform_bits = packed_bits(count, v)
+    learned = version in _PRIOR_VERSIONS
     index_bits = 8 * len(stream) if learned else uniform_bits
     uniform_bytes = None
-    if learned:
+    if learned:  # the same file with packed indices (version 1 or 3): no index length
+        length_field = version == PRIOR_VERSION or codec != CAPTION_NONE
         uniform_bytes = len(data) - len(stream) + (uniform_bits + 7) // 8
-        uniform_bytes -= len(_varint(len(stream))) if codec != CAPTION_NONE else 0
+        uniform_bytes -= len(_varint(len(stream))) if length_field else 0
     return Breakdown(
         size=size,
         file_bytes=len(data),
-        header_bytes=header_bytes,
+        header_bytes=len(data) - len(stream) - len(caption),
         index_bits=index_bits,
         padding_bits=0 if learned else -uniform_bits % 8,
         caption_bits=8 * len(caption),
@@ -392,6 +427,8 @@ def _breakdown(data, size, header_bytes, stream, caption, codec, learned, count,
         index_coding="learned prior" if learned else "uniform",
         uniform_file_bytes=uniform_bytes,
         uniform_index_bits=uniform_bits if learned else None,
+        version=version,
+        crc=crc,
     )
 
 
@@ -492,51 +529,74 @@ def read_payload(
     """Check the CRC (if any) and parse the indices and caption (or, for PerCo-Image, the
     ``global_pq = (M, V)`` product-quantizer codes) that follow the header; a version 2
     file's indices are decoded with ``prior``."""
-    if header.crc is not None:
+    height, width = header.size
+    h, w = hyper_latent_size(rate, height, width, latent_factor)
+    codec, version = header.caption_codec, header.version
+    if version == CHECKED_UNIFORM_VERSION and codec not in RANGE_CODED:
+        raise BitstreamError(f"format version 3 carries a range-coded caption, this file's "
+                             f"is {CAPTION_CODECS.get(codec, codec)}")  # fmt: skip
+    # the layout first: a cut or extended file is refused before any decoding
+    learned = version in _PRIOR_VERSIONS
+    if learned and (prior is None or prior.coding == 0):
+        raise BitstreamError("the file's indices are coded with a learned index prior; "
+                             "this model has none")  # fmt: skip
+    start = header.length
+    if learned and (version == PRIOR_VERSION or codec != CAPTION_NONE):
+        size, start = _read_varint(data, start, "index stream length")
+        end = start + size
+        if end > len(data):
+            raise BitstreamError(f"truncated index stream ({len(data) - start} of {size} bytes)")
+    elif learned:  # version 2 without a caption: the stream is the rest of the file
+        end = len(data)
+    else:
+        end = start + (packed_bits(h * w, rate.codebook_size) + 7) // 8
+        if len(data) < end:
+            raise BitstreamError(f"truncated index payload ({len(data) - start} of "
+                                 f"{end - start} bytes)")  # fmt: skip
+    stream, caption_start = data[start:end], end
+    if codec in RANGE_CODED and version in (CHECKED_UNIFORM_VERSION, PRIOR_VERSION):
+        size, caption_start = _read_varint(data, end, "caption length")
+        if caption_start + size != len(data):
+            raise BitstreamError(f"the file is {len(data)} bytes, its streams end at byte "
+                                 f"{caption_start + size}: cut or extended")  # fmt: skip
+    caption_bytes = data[caption_start:]
+    if header.crc is not None:  # after the layout: a cut file is reported as cut
         covered = data[: header.length - 2] + data[header.length :]
         if binascii.crc_hqx(covered, 0) != header.crc:
             raise BitstreamError("CRC mismatch: the file is corrupted")
-    height, width = header.size
-    h, w = hyper_latent_size(rate, height, width, latent_factor)
-    learned = header.version == PRIOR_VERSION
+
     keep = 1.0
     if learned:
-        if prior is None or prior.coding == 0:
-            raise BitstreamError("the file's indices are coded with a learned index prior; "
-                                 "this model has none")  # fmt: skip
-        start, end = header.length, len(data)
-        if header.caption_codec != CAPTION_NONE:
-            size, start = _read_varint(data, start, "index stream length")
-            end = start + size
-            if end > len(data):
-                raise BitstreamError(
-                    f"truncated index stream ({len(data) - start} of {size} bytes)"
-                )
-        stream = data[start:end]
         flat, code = prior.decode(stream, (h, w), header.seed)
         indices = flat.reshape(-1)
         keep = code / 64 if code else 1.0
     else:
-        start = header.length
-        end = start + (packed_bits(h * w, rate.codebook_size) + 7) // 8
-        if len(data) < end:
-            raise BitstreamError(f"truncated index payload ({len(data)} of {end} bytes)")
-        stream = data[start:end]
         indices = unpack_indices(stream, h * w, rate.codebook_size)
     caption, codes = None, None
-    if header.caption_codec == GLOBAL_PQ:
+    if codec == GLOBAL_PQ:
         if global_pq is None:
             raise BitstreamError("the file carries an image embedding; this model takes captions")
-        codes = unpack_indices(data[end:], *global_pq)
+        codes = unpack_indices(caption_bytes, *global_pq)
     elif global_pq is not None:
         raise BitstreamError("the file carries a caption; this model takes an image embedding")
     else:
         try:
-            caption = decode_caption(header.caption_codec, data[end:], caption_codecs)
+            caption = decode_caption(codec, caption_bytes, caption_codecs)
         except CaptionCodingError as e:
             raise BitstreamError(str(e)) from None
     image = CompressedImage(
         indices.reshape(h, w), caption, (height, width), rate, header.seed, codes, keep
     )
-    return image, _breakdown(data, (height, width), start, stream, data[end:],
-                             header.caption_codec, learned, h * w, rate.codebook_size)  # fmt: skip
+    return image, _breakdown(data, (height, width), version, header.crc is not None, stream,
+                             caption_bytes, codec, h * w, rate.codebook_size)  # fmt: skip
+
+
+def end_checked(header: Header) -> bool:
+    """Whether a cut or extended file with this header is always refused: false only for
+    files written before version 3 whose last stream is range-coded (a version 2 file
+    without a caption, or an exact-text / token-id caption in version 1 or 2)."""
+    if header.version in (CHECKED_UNIFORM_VERSION, PRIOR_VERSION):
+        return True
+    if header.caption_codec in RANGE_CODED:
+        return False
+    return header.version == UNIFORM_VERSION or header.caption_codec != CAPTION_NONE

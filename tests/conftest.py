@@ -48,6 +48,19 @@ def mutate(draw, data: bytes, header_bytes: int) -> bytes:
     return bytes(data)
 
 
+def structural_mutations(data: bytes, header_bytes: int) -> dict[str, bytes]:
+    """Every cut (lengths 0 to n-1), 1 to 16 appended bytes (zeros, and a non-zero
+    pattern), and every single-bit change of the first ``header_bytes`` bytes."""
+    out = {f"cut to {k} of {len(data)}": data[:k] for k in range(len(data))}
+    for j in range(1, 17):
+        out[f"{j} zero bytes appended"] = data + bytes(j)
+        out[f"{j} bytes appended"] = data + bytes(range(0x55, 0x55 + j))
+    for i in range(header_bytes):
+        for b in range(8):
+            out[f"header byte {i} bit {b}"] = data[:i] + bytes([data[i] ^ 1 << b]) + data[i + 1 :]
+    return out
+
+
 def fuzz_reads(cases, fingerprint: bytes, seed_value: int, prior=None) -> dict:
     """Read 10,000 mutated files drawn from ``cases`` (a strategy of ``(data, rate)``)
     for a model with ``fingerprint`` (and ``prior``): each must end in a

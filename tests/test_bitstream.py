@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fuzz_reads, mutate
+from conftest import fuzz_reads, mutate, structural_mutations
 from hypothesis import strategies as st
 
 from perco import bitstream
@@ -39,8 +39,10 @@ def test_round_trip_is_bit_exact_and_sized_by_the_formula(rate):
         )
         codec, caption_data = text_codec.encode_caption(caption)
         extended = codec >= text_codec.EXTENDED  # one codec id byte in the header
-        assert len(data) == 8 + extended + math.ceil(bits / 8) + len(caption_data)
-        assert info.header_bytes == 8 + extended and info.padding_bits == -bits % 8
+        length = codec in text_codec.RANGE_CODED  # its byte length: one byte (version 3)
+        assert data[1] >> 5 == (3 if length else 1) == info.version
+        assert len(data) == 8 + extended + length + math.ceil(bits / 8) + len(caption_data)
+        assert info.header_bytes == 8 + extended + length and info.padding_bits == -bits % 8
 
 
 def test_kodak_lowest_rung_with_a_40_character_caption_is_under_153_bytes():
@@ -59,13 +61,13 @@ def test_kodak_lowest_rung_with_a_40_character_caption_is_under_153_bytes():
 def test_optional_fields_cost_what_the_docstring_says():
     rate = RATES["r0.0019"]
     plain, base = bitstream.write(_image(rate), fingerprint=FP)
-    assert base.header_bytes == 9  # 8 + the extended caption codec id (exact text)
+    assert base.header_bytes == 10  # 8 + the extended caption codec id + its length (exact)
     seeded, info = bitstream.write(_image(rate, seed=7), fingerprint=FP)
-    assert len(seeded) == len(plain) + 1 and info.header_bytes == 10
+    assert len(seeded) == len(plain) + 1 and info.header_bytes == 11
     big_seed, _ = bitstream.write(_image(rate, seed=300), fingerprint=FP)
     assert len(big_seed) == len(plain) + 2
     with_crc, info = bitstream.write(_image(rate), fingerprint=FP, crc=True)
-    assert len(with_crc) == len(plain) + 2 and info.header_bytes == 11
+    assert len(with_crc) == len(plain) + 2 and info.header_bytes == 12 and info.crc
     large, info = bitstream.write(_image(rate, size=(70, 20000), caption=None), fingerprint=FP)
     assert info.header_bytes == 10
     back, _ = bitstream.read(large, fingerprint=FP, rate=rate)
@@ -99,6 +101,58 @@ def test_golden_file_pins_the_format(request):
     assert data[8] == 3 and data[11:14] == bytes([0, 1, 2])  # seed, then the indices
 
 
+def test_the_golden_version_1_file_still_decodes_to_the_same_content():
+    image, info = bitstream.read(GOLDEN.read_bytes(), fingerprint=FP, rate=RATES["r0.0019"])
+    assert np.array_equal(image.indices, np.arange(96).reshape(8, 12) % 256)
+    assert image.caption == CAPTION_40 and image.seed == 3 and image.size == (512, 768)
+    assert info.version == 1 and info.crc
+
+
+def _files_of_each_layout(crc: bool):
+    """Packed indices with no caption, a self-delimiting caption (version 1) and a
+    range-coded one (version 3), and large-image and non-power-of-two variants."""
+    rate = RATES["r0.0019"]
+    deflate, exact = (text_codec.caption_codecs(use=[c]) for c in ("deflate", "exact"))
+    files = {
+        "v1 no caption": (_image(rate, caption=None), rate, None),
+        "v1 deflate": (_image(rate), rate, deflate),
+        "v3 exact, seed": (_image(rate, seed=300), rate, exact),
+        "v1 large": (_image(rate, size=(70, 20000), caption=None), rate, None),
+        "v3 V=1000": (_image(NON_POWER_OF_TWO, size=(200, 300)), NON_POWER_OF_TWO, exact),
+    }
+    return {name: (bitstream.write(im, fingerprint=FP, caption_codecs=c, crc=crc)[0], r)
+            for name, (im, r, c) in files.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("crc", [False, True], ids=["no CRC", "CRC"])
+def test_cut_or_extended_files_are_refused_whatever_the_layout(crc):
+    """No valid decode allowed: a cut or extended file is refused with or without a CRC,
+    and with the CRC every single-bit change of the header is refused too (without it, a
+    bit of the image size or the seed can change to another valid value)."""
+    for name, (data, rate) in _files_of_each_layout(crc).items():
+        assert data[1] >> 5 in (1, 3), name
+        header = bitstream.read_header(data)
+        assert bitstream.end_checked(header)
+        for what, bad in structural_mutations(data, header.length if crc else 0).items():
+            with pytest.raises(BitstreamError):
+                bitstream.read(bad, fingerprint=FP, rate=rate)
+                pytest.fail(f"{name}: {what} decoded")
+
+
+def test_a_version_1_file_with_a_range_coded_caption_is_read_but_not_end_checked():
+    """Files written before version 3 keep decoding as they always did."""
+    rate = RATES["r0.0019"]
+    data, info = bitstream.write(_image(rate), fingerprint=FP)  # version 3, exact text
+    at = info.header_bytes - 1 + 96  # header with codec id, the indices, the caption length
+    assert data[at] == len(data) - at - 1
+    old = bytes([data[0], data[1] & 0x1F | 1 << 5]) + data[2:at] + data[at + 1 :]
+    image, info = bitstream.read(old, fingerprint=FP, rate=rate)
+    assert image.caption == CAPTION_40 and info.version == 1
+    assert not bitstream.end_checked(bitstream.read_header(old))
+    # the reason version 3 exists: the same file cut by a byte still decodes
+    bitstream.read(old[:-1], fingerprint=FP, rate=rate)
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -112,6 +166,7 @@ def test_golden_file_pins_the_format(request):
         (lambda d: d[:4] + bytes([d[4] & 0x0F | 0x10]) + d[5:], "file is at r0.0024"),
         (lambda d: d[:50], "truncated index payload"),
         (lambda d: d[:-3], "caption stream is truncated"),
+        (lambda d: d + b"\x00", "trailing bytes"),
         (lambda d: d[: 8 + 96] + b"\xff\xff\xff", "do not inflate"),  # reserved block type
     ],
 )

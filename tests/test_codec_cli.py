@@ -43,7 +43,9 @@ def test_compress_then_decompress_a_folder(photos, tmp_path, capsys):
         data = (bits / (f["file"].rsplit("/", 1)[1][:-4] + ".perco")).read_bytes()
         assert f["file_bytes"] == len(data)
         assert f["bpp_file"] == pytest.approx(8 * len(data) / (f["height"] * f["width"]))
-        assert f["header_bytes"] == 9 and f["caption_codec"] == "tokens"  # + codec id byte
+        # 8 + codec id byte + the caption's length (version 3) + the default CRC-16
+        assert f["header_bytes"] == 12 and f["caption_codec"] == "tokens"
+        assert f["crc"] and f["format_version"] == 3 and data[1] >> 3 & 1
     assert {"autoencoder encode", "hyper-encoder"} <= set(report["timings_s"])
 
     recon = tmp_path / "recon"
@@ -102,9 +104,10 @@ def test_bad_inputs_fail_alone_with_one_line_each(photos, tmp_path, capsys):
 
     (bits / "empty.perco").write_bytes(b"")
     (bits / "junk.perco").write_bytes(b"\x00" * 40)
-    (bits / "cut.perco").write_bytes(
-        (bits / "wide.perco").read_bytes()[:9]
-    )  # 8 header + 2 index bytes, cut
+    wide = (bits / "wide.perco").read_bytes()
+    from perco.bitstream import read_header
+
+    (bits / "cut.perco").write_bytes(wide[: read_header(wide).length + 1])  # 1 index byte
     recon = tmp_path / "recon"
     code, out, err = _run(capsys, "decompress", bits, "-o", recon, "--steps", "1")
     assert code == 1

@@ -4,16 +4,16 @@ import json
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from conftest import fuzz_reads, mutate
+from conftest import fuzz_reads, mutate, structural_mutations
 from hypothesis import strategies as st
 
 from perco import bitstream, codec
 from perco.bitstream import BitstreamError, CompressedImage
+from perco.captioning import text_codec
 from perco.models.index_prior import (
     ContextPrior,
     UniformPrior,
@@ -298,24 +298,76 @@ def test_mutated_prior_coded_files_end_in_bitstream_error_or_a_valid_decode():
     assert counts["payload"] >= counts["total"] / 2
 
 
-def test_a_corrupted_file_is_refused_in_one_line_by_the_cli(tmp_path, capsys):
+def _prior_files(crc: bool) -> dict[str, bytes]:
+    m = _smooth_maps(2, (8, 12), 256)
+    exact = text_codec.caption_codecs(use=["exact"])
+    deflate = text_codec.caption_codecs(use=["deflate"])
+    images = {
+        "no caption": (CompressedImage(m[0], None, (512, 768), RATE), None),
+        "hybrid, seed": (CompressedImage(m[0], None, (512, 768), RATE, seed=9, keep=0.5), None),
+        "exact caption": (CompressedImage(m[1], "two parrots standing", (512, 768), RATE), exact),
+        "deflate caption": (CompressedImage(m[1], "two parrots", (512, 768), RATE), deflate),
+    }
+    return {
+        name: bitstream.write(im, fingerprint=FP, prior=PRIOR, crc=crc, caption_codecs=c)[0]
+        for name, (im, c) in images.items()
+    }
+
+
+@pytest.mark.parametrize("crc", [False, True], ids=["no CRC", "CRC"])
+def test_cut_or_extended_prior_coded_files_are_refused(crc):
+    """The issue this format version fixes: version 2 decoded a cut file, or one with bytes
+    appended, into another image. No valid decode is allowed; with the CRC, no single-bit
+    change of the header either."""
+    for name, data in _prior_files(crc).items():
+        header = bitstream.read_header(data)
+        assert header.version == bitstream.PRIOR_VERSION and bitstream.end_checked(header)
+        for what, bad in structural_mutations(data, header.length if crc else 0).items():
+            with pytest.raises(BitstreamError):
+                bitstream.read(bad, fingerprint=FP, rate=RATE, prior=PRIOR)
+                pytest.fail(f"{name}: {what} decoded")
+
+
+def test_version_2_files_written_before_still_decode():
+    """A version 2 file (no index length without a caption) reads as it always did; its
+    end cannot be checked, which is why version 4 replaced it."""
+    data = _prior_files(False)["no caption"]
+    header_bytes = bitstream.read(data, fingerprint=FP, rate=RATE, prior=PRIOR)[1].header_bytes
+    stream = data[header_bytes:]  # after the 8-byte header and the index length
+    assert header_bytes == 8 + 2 and (data[8] & 0x7F) + (data[9] << 7) == len(stream)
+    old = bytes([data[0], data[1] & 0x1F | 2 << 5]) + data[2:8] + stream
+    image, info = bitstream.read(old, fingerprint=FP, rate=RATE, prior=PRIOR)
+    new, _ = bitstream.read(data, fingerprint=FP, rate=RATE, prior=PRIOR)
+    assert np.array_equal(image.indices, new.indices) and info.version == 2
+    assert info.uniform_file_bytes == len(old) - len(stream) + 96
+    assert not bitstream.end_checked(bitstream.read_header(old))
+    bitstream.read(old[:-1], fingerprint=FP, rate=RATE, prior=PRIOR)  # decodes: unchecked
+
+
+def test_damaged_files_are_refused_in_one_line_and_the_others_decode(tmp_path, capsys):
     from perco.cli import main
 
     model = _with_prior()
     model.save_pretrained(tmp_path / "m")
-    data, _ = codec.compress(model, torch.rand(1, 3, 128, 128))[0]
+    files = codec.compress(model, torch.rand(2, 3, 128, 128))
+    (a, _), (b, _) = files
+    damaged = {
+        "future": bytes([a[0], a[1] & 0x1F | 5 << 5]) + a[2:],  # a format version to come
+        "header": a[:8],
+        "half": a[: len(a) // 2],
+        "cut": a[:-1],
+        "appended": a + b"\x00\x01\x02",
+    }
+    for name, data in {**damaged, "good": b}.items():
+        (tmp_path / f"{name}.perco").write_bytes(data)
     capsys.readouterr()
-    bad = bytearray(data)
-    bad[1] = (bad[1] & 0x1F) | (5 << 5)  # a format version from the future
-    (tmp_path / "bad.perco").write_bytes(bytes(bad))
-    (tmp_path / "cut.perco").write_bytes(data[:8])  # the header alone
-    status = main(["decompress", str(tmp_path / "bad.perco"), str(tmp_path / "cut.perco"),
-                   "--model", str(tmp_path / "m"), "-o", str(tmp_path / "out")])  # fmt: skip
+    status = main(["decompress", *(str(tmp_path / f"{n}.perco") for n in [*damaged, "good"]),
+                   "--model", str(tmp_path / "m"), "-o", str(tmp_path / "out"),
+                   "--steps", "1"])  # fmt: skip
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("perco decompress: error")]
-    assert status == 1 and len(errors) == 2 and "Traceback" not in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-    assert zlib.crc32(data)  # the good file was untouched
+    assert status == 1 and len(errors) == len(damaged) and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
 
 
 def test_fit_prior_command_then_compress_and_decompress(tmp_path, capsys):

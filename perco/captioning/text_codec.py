@@ -63,6 +63,7 @@ __all__ = [
     "EXACT",
     "TOKENS",
     "CODEC_NAMES",
+    "RANGE_CODED",
     "tokenizer_fingerprint",
     "caption_codecs",
     "encode_caption",
@@ -72,6 +73,9 @@ __all__ = [
 
 NONE, ZLIB, DEFLATE, EXTENDED, EXACT, TOKENS = 0, 1, 2, 3, 4, 5
 CODEC_NAMES = {NONE: "none", ZLIB: "zlib", DEFLATE: "deflate", EXACT: "exact", TOKENS: "tokens"}
+# streams that end where their decoder stops, not where the data ends: a zero-padded cut
+# or appended bytes still decode, so the container stores their length (format 3 and 4)
+RANGE_CODED = frozenset({EXACT, TOKENS})
 _MAX_TEXT_BYTES = 1 << 16  # zlib / DEFLATE
 _MAX_EXACT_BYTES = 4096  # the exact-text coder (≈ 50 µs a byte to decode)
 

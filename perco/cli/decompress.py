@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from .. import codec
-from ..bitstream import BitstreamError
+from ..bitstream import BitstreamError, end_checked, read_header
 from ..io import save_image
 from ..models.loading import load_model
 from ..models.perco import Capability
@@ -59,10 +59,15 @@ def run(args: argparse.Namespace) -> int:
     parsed = []
     for path in collect(args.inputs, (".perco",)):
         try:
-            image, breakdown = codec.parse(model, path.read_bytes())
+            data = path.read_bytes()
+            image, breakdown = codec.parse(model, data)
         except (BitstreamError, OSError) as e:
             report.fail("decompress", path, e.strerror if isinstance(e, OSError) else e)
             continue
+        if not end_checked(read_header(data)):
+            report.note(path, f"format version {breakdown.version}, written before perco "
+                        "checked where files end: a cut or extended copy would decode too; "
+                        "compress the image again for a checked file")  # fmt: skip
         parsed.append((path, image, breakdown))
 
     with progress(len(parsed), "decompress") as bar:

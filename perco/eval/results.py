@@ -102,6 +102,8 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
         else settings.guidance_scale,
         "captions": _caption_source(settings),
         "caption_codec": settings.caption_codec or "the shortest that applies (per file)",
+        "integrity_check": "none: bpp_file counts the header and stream lengths, no CRC-16 "
+        "(perco compress adds one by default, 2 bytes a file)",
         "clip_text_caption": "a ground-truth caption other than the conditioning one",
         "seed": settings.seed,
         "seeding": "sha256(seed/image id/sample index)",
