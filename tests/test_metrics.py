@@ -145,3 +145,48 @@ def test_miou_counts_and_dataset_mean():
     assert mean_iou([counts]) == 0.5
     assert mean_iou([intersections_unions(target, target)]) == 1.0
     assert math.isnan(mean_iou([]))
+
+
+def _package_dists(assets, tmp_path):
+    """The dists-pytorch package's own DISTS class, unchanged. Its constructor loads
+    torchvision's ImageNet VGG16 from the torch hub cache (downloading it when absent):
+    the cache here holds a checkpoint whose `features` are the assets' VGG16 weights (the
+    classifier, which DISTS does not use, is stored as zeros of stride 0: a few bytes)."""
+    from DISTS_pytorch import DISTS as PackageDISTS
+    from safetensors.torch import load_file
+    from torchvision.models import VGG16_Weights, vgg16
+
+    features = load_file(assets / "lpips" / "vgg16_features.safetensors")
+    state = {k: features[k] if k in features else torch.zeros(1).expand(v.shape)
+             for k, v in vgg16().state_dict().items()}  # fmt: skip
+    url = VGG16_Weights.IMAGENET1K_V1.url
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / url.rsplit("/", 1)[1])
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        return PackageDISTS()
+    finally:
+        torch.hub.set_dir(before)
+
+
+def test_dists_matches_the_dists_pytorch_package_on_real_images(assets, tmp_path):
+    from perco.metrics.dists import DISTS
+
+    ours = DISTS(assets / "lpips" / "vgg16_features.safetensors")
+    reference = _package_dists(assets, tmp_path)
+    x = load_image(assets / "kodak" / "kodim01.png")[..., :256, :384]
+    y = load_image(assets / "kodak" / "kodim02.png")[..., :256, :384]
+    ours_xy, expected = ours(x, y), reference(x, y)
+    assert ours_xy.shape == (1,) and abs(ours_xy.item() - expected.item()) < 1e-5
+    assert 0.1 < ours_xy.item() < 1
+    assert abs(ours(x, x).item()) < 1e-5  # an image against itself
+    blurred = torch.nn.functional.avg_pool2d(x, 5, 1, 2)  # closer than another photo
+    assert ours(x, blurred).item() < ours_xy.item()
+    # a registered metric: every evaluation with the backbone has a dists column
+    from perco.eval import Backbones
+    from perco.eval.metrics import Batch, compute
+
+    batch = Batch(x, y, Backbones(lpips=None, dists=ours), [None])
+    assert torch.allclose(compute(batch)["dists"], ours_xy)
+    assert "dists" not in compute(Batch(x, y, Backbones(lpips=None), [None]))

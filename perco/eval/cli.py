@@ -63,8 +63,13 @@ def load_backbones(cfg, device) -> Backbones:
         segmenter = _backbone(
             f"segmenter {cfg.segmenter}", lambda: Segmenter.from_pretrained(cfg.segmenter)
         )
-    backbones = Backbones(lpips, features, clip, segmenter)
-    for module in (lpips, features, clip, segmenter):
+    dists = None
+    if cfg.get("dists"):
+        from ..metrics.dists import DISTS
+
+        dists = _backbone("DISTS VGG16 backbone", lambda: DISTS(cfg.dists.get("backbone")))
+    backbones = Backbones(lpips, features, clip, segmenter, dists)
+    for module in (lpips, features, clip, segmenter, dists):
         if module is not None:
             module.to(device)
     return backbones

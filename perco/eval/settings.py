@@ -43,6 +43,7 @@ class Backbones:
     features: torch.nn.Module | None = None
     clip: torch.nn.Module | None = None
     segmenter: torch.nn.Module | None = None
+    dists: torch.nn.Module | None = None
 
     def describe(self) -> dict:
         def name(m):
@@ -53,4 +54,5 @@ class Backbones:
             "fid_features": name(self.features),
             "clip": name(self.clip),
             "segmenter": name(self.segmenter),
+            **({"dists": f"{name(self.dists)}, full resolution"} if self.dists else {}),
         }

@@ -1,6 +1,7 @@
 """Evaluation metrics, one module per family; every pretrained backbone is injectable.
 
 - :mod:`.fidelity`: PSNR, MS-SSIM, LPIPS (per image)
+- :mod:`.dists`: DISTS (per image; the dists-pytorch weights)
 - :mod:`.colour`: per-channel mean/std shift and mean ΔE2000 (per image)
 - :mod:`.fid_kid`: FID and KID on whole images or HiFiC patches, from cached features
 - :mod:`.clip_score`: CLIP text–image and image–image scores (open_clip)
