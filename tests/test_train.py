@@ -512,3 +512,44 @@ def test_merged_lora_model_computes_what_the_adapted_one_did(tmp_path):
     assert not merged.has_lora and model.has_lora  # saving leaves the training model alone
     after = merged(images, ["x"], timesteps=t, noise=noise).diffusion
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-6)
+
+
+def test_init_goes_on_from_a_saved_model_with_all_its_state(photo_folder, tmp_path):
+    """``init=<folder>``: step 0 is the folder's model exactly (weights, codebook buffers,
+    null text, index prior); a step later the weights, and so the fingerprint, move."""
+    import numpy as np
+
+    from perco.models.index_prior import ContextPrior
+
+    source = tmp_path / "source"
+    model = tiny_perco("r0.0059")
+    with torch.no_grad():  # state a fresh model would not have
+        model.quantizer.embed.mul_(1.5)
+        model.null_text.embedding.add_(0.25)
+    torch.manual_seed(0)
+    model.set_index_prior(ContextPrior(model.rate.codebook_size, 8, 8, 3), {"fitted_on": "test"})
+    model.save_pretrained(source)
+    source_model = PerCo.from_pretrained(source).eval()
+
+    def run(steps):
+        out = tmp_path / f"runs{steps}"
+        cfg = compose_train(*tiny_overrides(photo_folder, out, f"trainer.max_steps={steps}",
+                                            f"init={source}", "trainer.val_every=1"))  # fmt: skip
+        summary = train(cfg)
+        return summary, PerCo.from_pretrained(out / "tiny" / "r0.0059" / "model").eval()
+
+    summary, same = run(0)
+    assert summary["init"] == {"from": str(source), "fingerprint": source_model.fingerprint.hex()}
+    assert same.fingerprint == source_model.fingerprint
+    assert same.index_prior_record["fitted_on"] == "test"
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    a, b = (m.encode(images) for m in (source_model, same))
+    assert torch.equal(a.indices, b.indices)
+    decoded = [m.decode(e, steps=2, generator=[torch.Generator().manual_seed(1)])[0]
+               for m, e in ((source_model, a), (same, b))]  # fmt: skip
+    assert torch.equal(*decoded)
+
+    summary, moved = run(1)
+    assert summary["steps"] == 1 and moved.fingerprint != source_model.fingerprint
+    assert moved.index_prior is not None and np.isfinite(summary["fixed_loss_end"])
+    assert summary["fixed_loss_start"] == pytest.approx(run(0)[0]["fixed_loss_start"])

@@ -118,6 +118,22 @@ def trainable_report(model: PerCo) -> dict:
     }
 
 
+def initial_model(cfg: DictConfig) -> PerCo:
+    """The model a run starts from: ``cfg.model`` built fresh, or with ``init=<folder>``
+    a saved or imported model (a model folder, or a run or sweep folder at ``cfg.rate``)
+    with all its state: weights, quantizer buffers, null text, index prior. Its settings
+    are the folder's; ``model=`` is not used."""
+    from hydra.utils import instantiate
+
+    if not cfg.get("init"):
+        return instantiate(cfg.model, _convert_="all")
+    from ..models.loading import load_model
+
+    model = load_model(str(cfg.init), cfg.rate.name)
+    log.info("init: %s (model %s), its own settings", cfg.init, model.fingerprint[:2].hex())
+    return model.train()
+
+
 def fit_global_codebooks(model, loader, dataset, tc: DictConfig) -> None:
     """PerCo-Image: k-means of the image embedding's product quantizer on training crops
     (``trainer.codebook_fit_samples`` per rank; epochs numbered apart from training's)."""
@@ -173,7 +189,7 @@ def train(cfg: DictConfig) -> dict:
         atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     set_seed(tc.seed)  # the same initial weights on every rank
 
-    model: PerCo = instantiate(cfg.model, _convert_="all")
+    model = initial_model(cfg)
     params = model.set_trainable(cfg.trainable.mode, **cfg.trainable.get("options", {}))
     shares = trainable_report(model)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -298,6 +314,8 @@ def train(cfg: DictConfig) -> dict:
             accelerator.num_processes,
         )
     summary = {"rate": unwrapped.rate.name, "trainable": cfg.trainable.mode, **shares}
+    if cfg.get("init"):
+        summary["init"] = {"from": str(cfg.init), "fingerprint": unwrapped.fingerprint.hex()}
     if validation is not None:
         summary["fixed_loss_start"] = validation.loss(unwrapped)
         accelerator.log({"val/fixed_loss": summary["fixed_loss_start"]}, step=state.step)
