@@ -22,7 +22,21 @@ from .models.perco import Capability, PerCo
 from .timing import StageTimer, stage
 from .types import EncodedImages
 
-__all__ = ["compress", "decompress", "parse", "min_image_size", "check_image_size"]
+__all__ = [
+    "compress",
+    "decompress",
+    "parse",
+    "file_fingerprint",
+    "min_image_size",
+    "check_image_size",
+]
+
+
+def file_fingerprint(model: PerCo) -> bytes:
+    """The fingerprint a model's files carry: its own, or for a one-step student its
+    teacher's (the same frozen encoder made the indices; see ``PerCoConfig``)."""
+    fp = model.config.file_fingerprint
+    return bytes.fromhex(fp) if fp else model.fingerprint
 
 
 def min_image_size(model: PerCo) -> int:
@@ -85,7 +99,7 @@ def compress(
         out.append(
             bitstream.write(
                 image,
-                fingerprint=model.fingerprint,
+                fingerprint=file_fingerprint(model),
                 latent_factor=model.autoencoder.factor,
                 crc=crc,
                 caption_codecs=codecs,
@@ -101,7 +115,7 @@ def parse(model: PerCo, data: bytes) -> tuple[CompressedImage, Breakdown]:
     """Read one file for ``model``; raises :class:`~perco.bitstream.BitstreamError`."""
     return bitstream.read(
         data,
-        fingerprint=model.fingerprint,
+        fingerprint=file_fingerprint(model),
         rate=model.rate,
         latent_factor=model.autoencoder.factor,
         caption_codecs=text_codec.caption_codecs(model.tokenizer),

@@ -1,4 +1,9 @@
-"""Reverse diffusion with classifier-free guidance, one batched U-Net call per step.
+"""The samplers a model decodes with: multi-step DDIM with classifier-free guidance, and
+the one-step decoding of a distilled student. A model's ``perco.json`` names its sampler
+(:attr:`perco.models.config.PerCoConfig.sampler`); :func:`sampler_for` turns that and a
+call's options into a :class:`Sampler`, so the model holds no branch per sampler.
+
+Reverse diffusion with classifier-free guidance, one batched U-Net call per step.
 
 Guidance modes (paper eq. 5 and Table 1):
 
@@ -16,6 +21,7 @@ step costs one U-Net call whatever the mode. Guidance is linear, so it applies a
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -23,10 +29,95 @@ from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["GuidanceMode", "GUIDANCE_MODES", "sample"]
+__all__ = [
+    "GuidanceMode",
+    "GUIDANCE_MODES",
+    "SAMPLERS",
+    "Sampler",
+    "GuidedSampler",
+    "OneStepSampler",
+    "sampler_for",
+    "with_spacing",
+    "sample",
+    "one_step",
+]
 
 GuidanceMode = Literal["none", "text", "text+spatial"]
 GUIDANCE_MODES: tuple[str, ...] = ("none", "text", "text+spatial")
+SAMPLERS: tuple[str, ...] = ("ddim", "one-step")
+
+
+class Sampler:
+    """Latents from the U-Net's conditions: ``sampler(unet, scheduler, spatial, text,
+    null_text, generator)``; ``unet_calls`` per batch."""
+
+    unet_calls: int
+
+    def __call__(self, unet, scheduler, spatial, text, null_text, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GuidedSampler(Sampler):
+    """:func:`sample`: ``steps`` scheduler steps, one batched U-Net call each."""
+
+    steps: int
+    guidance: GuidanceMode = "text"
+    guidance_scale: float = 3.0
+
+    @property
+    def unet_calls(self) -> int:
+        return self.steps
+
+    def __call__(self, unet, scheduler, spatial, text, null_text, generator) -> torch.Tensor:
+        return sample(unet, scheduler, spatial, text, null_text, steps=self.steps,
+                      guidance=self.guidance, guidance_scale=self.guidance_scale,
+                      generator=generator)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OneStepSampler(Sampler):
+    """:func:`one_step` at the student's ``timestep``: one unbatched U-Net call."""
+
+    timestep: int
+    unet_calls = 1
+
+    def __call__(self, unet, scheduler, spatial, text, null_text, generator) -> torch.Tensor:
+        return one_step(unet, scheduler, spatial, text, timestep=self.timestep,
+                        generator=generator)  # fmt: skip
+
+
+def with_spacing(scheduler: SchedulerMixin, timestep_spacing: str | None) -> SchedulerMixin:
+    """``scheduler``, or a copy with another timestep spacing (None: its own)."""
+    if timestep_spacing in (None, scheduler.config.timestep_spacing):
+        return scheduler
+    if timestep_spacing not in ("leading", "trailing", "linspace"):
+        raise ValueError(
+            f"timestep_spacing must be leading, trailing or linspace, not {timestep_spacing!r}"
+        )
+    return type(scheduler).from_config(scheduler.config, timestep_spacing=timestep_spacing)
+
+
+def sampler_for(
+    config,
+    *,
+    steps: int | None = None,
+    guidance: GuidanceMode | None = None,
+    guidance_scale: float | None = None,
+    default_steps: int,
+) -> Sampler:
+    """The sampler of a model's ``config`` (a :class:`~perco.models.config.PerCoConfig`)
+    with a call's options. A one-step student refuses options it has no use for: it was
+    trained for one step, with the teacher's guidance distilled into it."""
+    if config.sampler == "one-step":
+        if steps not in (None, 1) or guidance not in (None, "none") or guidance_scale:
+            raise ValueError(
+                "this model is a one-step student: it decodes in one U-Net call without "
+                "guidance (steps, guidance and scale do not apply)"
+            )
+        return OneStepSampler(config.one_step_timestep)
+    scale = config.guidance_scale if guidance_scale is None else guidance_scale
+    return GuidedSampler(steps or default_steps, guidance or config.guidance, scale)
 
 
 @torch.no_grad()
@@ -96,3 +187,28 @@ def sample(
 
 def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
+
+
+@torch.no_grad()
+def one_step(
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    spatial: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    timestep: int,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """A student's decoding: noise ``x_T`` (seeded per image, as :func:`sample` draws it)
+    at the fixed ``timestep``, one U-Net call on the conditional branch, and the clean
+    latent its prediction implies (:func:`perco.losses.predicted_x0`)."""
+    from .losses import predicted_x0
+
+    batch, _, height, width = spatial.shape
+    dtype = unet.dtype
+    noise = randn_tensor((batch, unet.config.out_channels, height, width), generator=generator,
+                         device=spatial.device, dtype=dtype)  # fmt: skip
+    noise = noise * scheduler.init_noise_sigma
+    t = torch.full((batch,), timestep, device=spatial.device, dtype=torch.long)
+    pred = unet(torch.cat([noise, spatial.to(dtype)], dim=1), t, text.to(dtype)).sample
+    return predicted_x0(scheduler, noise, pred, t).to(dtype)

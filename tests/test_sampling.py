@@ -111,3 +111,57 @@ def test_rejects_unknown_guidance(parts):
     unet, scheduler, cond = parts
     with pytest.raises(ValueError, match="guidance"):
         sample(unet, scheduler, **cond, steps=1, guidance="spatial")
+
+
+def test_one_step_is_one_unbatched_call_whose_x0_the_prediction_implies(parts):
+    from perco.losses import predicted_x0
+    from perco.sampling import one_step
+
+    unet, scheduler, cond = parts
+    rec = CallRecorder(unet)
+    try:
+        gen = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        x0 = one_step(unet, scheduler, cond["spatial"], cond["text"], timestep=999, generator=gen)
+    finally:
+        rec.remove()
+    (x, t, context), = rec.calls  # fmt: skip
+    assert x.shape[0] == 2 and torch.equal(t, torch.tensor([999, 999]))
+    torch.testing.assert_close(context, cond["text"])  # the conditional branch alone
+    noise = torch.randn(x[:1, :4].shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x[:1, :4], noise)  # seeded per image, as sample() draws
+    pred = unet(x, t, context).sample
+    torch.testing.assert_close(x0, predicted_x0(scheduler, x[:, :4], pred, t))
+
+
+def test_a_student_decodes_its_teachers_files_in_one_unet_call(tmp_path):
+    """The same bytes: a teacher's files decode with its one-step student, one U-Net call
+    per batch, deterministic per file seed; the student's own files are the teacher's."""
+    from perco import codec
+    from perco.models.perco import PerCo
+    from perco.models.student import one_step_student
+    from perco.testing import tiny_perco
+
+    teacher = tiny_perco("r0.0019").eval()
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    files = [data for data, _ in codec.compress(teacher, images, ["a cat", "a dog"], seed=5)]
+    one_step_student(teacher, timestep=901).save_pretrained(tmp_path / "student")
+    student = PerCo.from_pretrained(tmp_path / "student").eval()
+    assert student.config.sampler == "one-step" and student.default_steps == 1
+    assert student.fingerprint != teacher.fingerprint
+    assert codec.file_fingerprint(student) == teacher.fingerprint
+
+    parsed = [codec.parse(student, data)[0] for data in files]
+    rec = CallRecorder(student.unet)
+    try:
+        first = codec.decompress(student, parsed)
+        alone = codec.decompress(student, parsed[1:], batch_size=1)
+    finally:
+        rec.remove()
+    assert [c[0].shape[0] for c in rec.calls] == [2, 1]  # one call, no guidance branch
+    assert all(torch.equal(c[1], torch.full_like(c[1], 901)) for c in rec.calls)
+    torch.testing.assert_close(first[1], alone[0], atol=1e-5, rtol=0)  # float rounding only
+    assert first[0].shape == (3, 64, 96)
+    again, _ = codec.compress(student, images[:1], ["a cat"], seed=5)[0]
+    assert again == files[0]  # the student writes the teacher's bytes
+    with pytest.raises(ValueError, match="one-step student"):
+        student.decode(student.encode(images[:1], ["a cat"]), steps=5)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..rates import Rate, get_rate
-from ..sampling import GUIDANCE_MODES, GuidanceMode
+from ..sampling import GUIDANCE_MODES, SAMPLERS, GuidanceMode
 
-__all__ = ["PerCoConfig", "Condition"]
+__all__ = ["PerCoConfig", "Condition", "ADDED_LATER"]
 
 Condition = Literal["codes", "projected"]
 
@@ -58,6 +58,15 @@ class PerCoConfig:
             per image (seed 0), so compressing an image twice gives the same file, and a
             training step draws afresh from its generator. Only for autoencoders with a
             posterior (SD's VAE).
+        sampler: how the model decodes (:mod:`perco.sampling`). ``"ddim"``: the
+            scheduler's steps with classifier-free guidance (PerCo). ``"one-step"``: a
+            distilled student: one U-Net call from noise at ``one_step_timestep``, no
+            guidance pass (the teacher's guidance is distilled into it).
+        one_step_timestep: the timestep a one-step student is given (OSCAR's
+            "pseudo-timestep").
+        file_fingerprint: hex fingerprint that this model's files carry, when it is not
+            the model's own: a student decodes (and writes) its teacher's files, whose
+            indices come from the same frozen encoder.
     """
 
     rate: Rate
@@ -72,6 +81,9 @@ class PerCoConfig:
     text: bool = True
     steps: int | None = None
     posterior: Literal["mode", "sample"] = "mode"
+    sampler: Literal["ddim", "one-step"] = "ddim"
+    one_step_timestep: int = 999
+    file_fingerprint: str | None = None
 
     def __post_init__(self):
         if isinstance(self.rate, dict):
@@ -85,8 +97,24 @@ class PerCoConfig:
             raise ValueError(
                 f"local must be 'quantized', 'continuous' or 'none', got {self.local!r}"
             )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.posterior not in ("mode", "sample"):
             raise ValueError(f"posterior must be 'mode' or 'sample', got {self.posterior!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# settings added after the first models were trained, with the value those models have:
+# they enter the fingerprint only when set otherwise, so older models keep theirs (and
+# their files still decode)
+ADDED_LATER = {
+    "local": "quantized",
+    "text": True,
+    "steps": None,
+    "posterior": "mode",
+    "sampler": "ddim",
+    "one_step_timestep": 999,
+    "file_fingerprint": None,
+}

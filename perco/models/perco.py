@@ -31,11 +31,11 @@ from torch import nn
 from ..fingerprint import fingerprint
 from ..losses import diffusion_loss, metric_factor, predicted_x0
 from ..rates import Rate, hyper_latent_size
-from ..sampling import GuidanceMode, sample
+from ..sampling import GuidanceMode, sampler_for, with_spacing
 from ..timing import StageTimer, stage
 from ..types import EncodedImages, PerCoLoss, QuantizerOutput
 from .autoencoders import Autoencoder, SDAutoencoder
-from .config import PerCoConfig
+from .config import ADDED_LATER, PerCoConfig
 from .hyper_encoder import HyperEncoder
 from .index_prior import ContextPrior, IndexPrior, UniformPrior
 from .quantizer import VectorQuantizer
@@ -293,10 +293,7 @@ class PerCo(nn.Module):
         scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
         variant = {} if self.variant == "perco" else {"variant": self.variant}  # PerCo's as before
         settings = self.config.to_dict()
-        # settings added later enter the fingerprint only when set, so models from before
-        # them keep theirs (and their files still decode)
-        later = (("local", "quantized"), ("text", True), ("steps", None), ("posterior", "mode"))
-        for key, default in later:
+        for key, default in ADDED_LATER.items():  # older models keep their fingerprints
             if settings[key] == default:
                 del settings[key]
         # options that change the outputs of the same weights (PerCo (SD)'s)
@@ -700,33 +697,19 @@ class PerCo(nn.Module):
             codes = encoded.global_codes
             embedding = self._global_from_codes(None if codes is None else codes.to(self.device))
             text, null = self._context(encoded.captions, embedding)
+        sampler = sampler_for(cfg, steps=steps, guidance=guidance, guidance_scale=guidance_scale,
+                              default_steps=self.default_steps)  # fmt: skip
         with stage(timer, "decode steps"):
-            latents = sample(
-                self.unet,
-                self.sampler(timestep_spacing),
-                local.spatial,
-                self._append(text, local.tokens),
-                self._append(null, local.tokens),
-                steps=steps or self.default_steps,
-                guidance=guidance or cfg.guidance,
-                guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-                generator=generator,
-            )
+            latents = sampler(self.unet, self.sampler(timestep_spacing), local.spatial,
+                              self._append(text, local.tokens), self._append(null, local.tokens),
+                              generator)  # fmt: skip
         with stage(timer, "autoencoder decode"):
             images = self.autoencoder.decode_pixels(latents).clamp(0, 1)
         return self._crop(images, encoded.sizes)
 
     def sampler(self, timestep_spacing: str | None = None):
         """The scheduler decoding uses: the model's, or a copy with another spacing."""
-        if timestep_spacing in (None, self.scheduler.config.timestep_spacing):
-            return self.scheduler
-        if timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(
-                f"timestep_spacing must be leading, trailing or linspace, not {timestep_spacing!r}"
-            )
-        return type(self.scheduler).from_config(
-            self.scheduler.config, timestep_spacing=timestep_spacing
-        )
+        return with_spacing(self.scheduler, timestep_spacing)
 
     @staticmethod
     def _crop(images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
