@@ -253,6 +253,7 @@ def test_rate_table_script(tmp_path, capsys):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         # what is neither indices, padding nor caption is exactly the header: 8 bytes,
-        # plus the extended caption-codec id byte of the default token-id coder
-        assert cells[7] == "9" and cells[6] == str(8 * int(cells[7]))
+        # plus the extended caption-codec id byte of the default token-id coder and the
+        # caption's length (format version 3)
+        assert cells[7] == "10" and cells[6] == str(8 * int(cells[7]))
         assert 0 <= int(cells[3]) < 8

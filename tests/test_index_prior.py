@@ -403,3 +403,17 @@ def test_fit_prior_command_then_compress_and_decompress(tmp_path, capsys):
     assert main(["decompress", str(tmp_path / "b" / "p00.perco"), "--model", str(tmp_path / "m"),
                  "-o", str(tmp_path / "r2")]) == 1  # fmt: skip
     assert "made by model" in capsys.readouterr().err
+
+
+def test_a_stream_that_is_not_its_indices_canonical_code_is_refused():
+    """The decoder codes what it read again: zeroed or changed bytes that still decode,
+    or the stream read on another grid, are refused; the stream itself passes."""
+    m = _smooth_maps(1, (24, 16), 256)
+    (stream,) = PRIOR.encode(m)
+    assert np.array_equal(PRIOR.decode(stream, (24, 16))[0], m[0])
+    for bad in (stream[:-2] + b"\x00\x00", stream[:-1] + bytes([stream[-1] ^ 1]),
+                stream[:40] + bytes([stream[40] ^ 0x10]) + stream[41:]):  # fmt: skip
+        with pytest.raises(BitstreamError, match="corrupt"):
+            PRIOR.decode(bad, (24, 16))
+    with pytest.raises(BitstreamError, match="corrupt"):
+        PRIOR.decode(stream, (24, 20))  # an image size read as another grid

@@ -65,7 +65,13 @@ shortest byte string that still decodes to the same symbols (the decoder pads wi
 bytes), and pads it with zero bytes to at least one byte per 128 indices: a decoder
 then refuses a stream too short for its map before doing any work, so a corrupted size
 field cannot make it build distributions for billions of indices (a prior that codes
-under 1/16 bit per index on average pays the few padding bytes).
+under 1/16 bit per index on average pays the few padding bytes). The stream is thus a
+function of the symbols, and the decoder checks it: it codes the symbols it decoded
+again and refuses a stream that differs (a changed byte, zeroed bytes, an image size that
+reads the stream on another grid). This costs no bits; it is not a CRC (a change that
+happens to give another stream in this canonical form passes), and it cannot see a cut
+stream, which decodes to other symbols of which it is the canonical form: the container
+stores the stream's length for that (format version 4).
 """
 
 from __future__ import annotations
@@ -377,7 +383,7 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
         order = pass_order(h, w)
         flat = np.zeros(h * w, dtype=np.int64)
         draws = np.random.PCG64(seed).random_raw(h * w - kept) if kept < h * w else None
-        done = 0
+        done, coded_symbols, coded_weights = 0, [], []
         family = constriction.stream.model.Categorical(perfect=False)
         for p, sl in enumerate(self._pass_slices(h, w)):
             grid = torch.from_numpy(flat.reshape(1, h, w))
@@ -389,6 +395,8 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
                 except (AssertionError, ValueError, RuntimeError):
                     raise BitstreamError("index stream is corrupt") from None
                 flat[order[sl][:coded]] = symbols
+                coded_symbols.append(symbols)
+                coded_weights.append(weights[:coded])
             if coded < len(weights):  # hybrid mode: draw the rest from the prior
                 rest = weights[coded:].astype(np.int64)
                 cdf = np.cumsum(rest, 1)
@@ -397,6 +405,12 @@ class ContextPrior(ModelMixin, ConfigMixin, IndexPrior):
                 done += len(rest)
         if flat.max(initial=0) >= self.codebook_size:
             raise BitstreamError("index stream is corrupt")
+        # the encoder's stream is a function of the symbols: any other stream that decodes
+        # (a changed byte, a size that reads the stream on another grid) is refused
+        symbols = np.concatenate(coded_symbols) if coded_symbols else np.zeros(0, np.int64)
+        weights = np.concatenate(coded_weights) if coded_weights else np.zeros((0, 1))
+        if not _is_cut_of(data, _full_stream(code, symbols, weights), len(weights)):
+            raise BitstreamError("index stream is not the one its indices code to (corrupt)")
         return flat.reshape(h, w), code
 
 
@@ -409,7 +423,8 @@ def _keep_model():
     return constriction.stream.model.Categorical(p, perfect=False)
 
 
-def _encode_stream(code: int, symbols: np.ndarray, weights: np.ndarray) -> bytes:
+def _full_stream(code: int, symbols: np.ndarray, weights: np.ndarray) -> bytes:
+    """The range coder's whole output (32-bit words) for the kept share and symbols."""
     import constriction
 
     encoder = constriction.stream.queue.RangeEncoder()
@@ -417,10 +432,31 @@ def _encode_stream(code: int, symbols: np.ndarray, weights: np.ndarray) -> bytes
     family = constriction.stream.model.Categorical(perfect=False)
     if len(symbols):
         encoder.encode(symbols.astype(np.int32), family, weights)
+    return to_bytes(encoder)
+
+
+def _encode_stream(code: int, symbols: np.ndarray, weights: np.ndarray) -> bytes:
     # the cut is checked with the encoder's distributions: until the first wrong symbol
     # they are the ones the real decoder would build
-    data = shortest_prefix(to_bytes(encoder), lambda d: _decodes_to(d, code, symbols, weights))
+    data = shortest_prefix(
+        _full_stream(code, symbols, weights), lambda d: _decodes_to(d, code, symbols, weights)
+    )
     return data + bytes(max(0, min_stream_bytes(len(weights)) - len(data)))
+
+
+def _is_cut_of(data: bytes, full: bytes, count: int) -> bool:
+    """Whether ``data`` has the form the encoder gives a stream whose whole output is
+    ``full``: a prefix of it, or the prefix with one added to its last byte, never ending
+    in a zero byte (a shorter prefix would then decode alike), then zero bytes up to
+    :func:`min_stream_bytes`. One encoding, no decoding: the check every decode makes."""
+    core = data.rstrip(b"\x00")
+    if len(data) != max(len(core), min_stream_bytes(count)) or len(core) > len(full):
+        return False
+    prefix = full[: len(core)]
+    bumped = int.from_bytes(prefix, "big") + 1
+    return core == prefix or (
+        bumped < 1 << 8 * len(core) and core == bumped.to_bytes(len(core), "big")
+    )
 
 
 def min_stream_bytes(count: int) -> int:
