@@ -8,9 +8,10 @@ version 4 adds to version 2), and what the optional CRC-16 adds. Then the damage
 experiment of issue 30 on the first 6 files of each set: each file cut to half its
 length, cut by one byte, one header byte flipped, one middle byte flipped, 3 bytes
 appended, the last 4 bytes zeroed; the count of damaged files the reader refuses, for
-prior-coded files as version 2 wrote them, as version 4 writes them, with and without
-the CRC, and for uniformly packed files (version 1). A file that is not refused would
-decode into an image.
+prior-coded files as version 2 wrote them (read by today's reader, which checks their
+stream but cannot know their length), as version 4 writes them, with and without the
+CRC, and for uniformly packed files (version 1). A file that is not refused would decode
+into an image.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assets", type=Path, default=Path(assets))
     parser.add_argument("--limit", type=int, default=24, help="images per set")
     parser.add_argument("--damaged", type=int, default=6, help="files damaged per set")
+    parser.add_argument("--rates", nargs="+", default=list(RATES))
     args = parser.parse_args(argv)
     sets = {
         "Kodak": _images(args.assets / "kodak", args.limit),
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     cost, damage = [], []
     latents: dict = {}
-    for rate in RATES:
+    for rate in args.rates:
         model = load_model(args.models, rate)
         if model.index_prior is None:
             sys.exit(f"error: {args.models} has no fitted index prior at {rate} (perco fit-prior)")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             })  # fmt: skip
             k = min(args.damaged, n)
             kinds = {
-                "v2 (before)": [as_version_2(d, i) for d, i in prior[:k]],
+                "v2 as written before": [as_version_2(d, i) for d, i in prior[:k]],
                 "v4": [d for d, _ in prior[:k]],
                 "v4 + CRC": crc[:k],
                 "v1 (packed)": packed[:k],

@@ -98,3 +98,29 @@ def test_other_load_counts_other_processes_not_this_one():
         busy.wait()
     assert shared.cores >= 0.5 and "cores busy while timing" in shared.warning()
     assert shared.cores >= alone.cores + 0.3
+
+
+def test_bench_integrity_refuses_every_cut_and_extension(tmp_path, assets):
+    """The damage table on tiny models with a (random) prior: cuts and appended bytes
+    are refused in format version 4, everything with the CRC."""
+    from perco.models.index_prior import ContextPrior
+    from perco.testing import tiny_perco
+
+    for rate in ("r0.0019", "r0.0098"):
+        model = tiny_perco(rate)
+        model.set_index_prior(ContextPrior(model.rate.codebook_size, 8, 8, 3), {"fitted_on": "-"})
+        model.save_pretrained(tmp_path / rate)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_integrity.py"), "--models", str(tmp_path),
+         "--assets", str(assets), "--limit", "2", "--damaged", "2",
+         "--rates", "r0.0019", "r0.0098"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| r0")]
+    damage = [[c.strip() for c in r] for r in rows if len(r) == 7]
+    assert len(damage) == 4  # two rungs, two sets
+    for _, _, _, v4, crc, _, per in damage:
+        assert int(v4.split("/")[0]) >= 8 and crc == "12/12"  # cuts and appends: 4 x 2
+        cut_half, cut_one, _, _, appended, _ = per.split()
+        assert cut_half == cut_one == appended == "2/2"
