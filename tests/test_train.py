@@ -553,3 +553,59 @@ def test_init_goes_on_from_a_saved_model_with_all_its_state(photo_folder, tmp_pa
     assert summary["steps"] == 1 and moved.fingerprint != source_model.fingerprint
     assert moved.index_prior is not None and np.isfinite(summary["fixed_loss_end"])
     assert summary["fixed_loss_start"] == pytest.approx(run(0)[0]["fixed_loss_start"])
+
+
+def test_regression_loss_is_the_written_out_l1_and_lpips():
+    from perco.train.objectives import regression_loss
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+
+    def lpips(x, y):  # any per-image distance stands in for LPIPS
+        return (x - y).pow(2).mean((1, 2, 3))
+
+    loss, terms = regression_loss(a, b, lpips, l1_weight=2.0, lpips_weight=0.5)
+    l1 = sum((x - y).abs().sum() for x, y in zip(a.flatten(), b.flatten(), strict=True)) / a.numel()
+    assert torch.allclose(terms["train/l1"], l1) and torch.allclose(
+        loss, 2 * l1 + 0.5 * lpips(a, b).mean()
+    )
+    loss, terms = regression_loss(a, b, None, l1_weight=1.0, lpips_weight=1.0)
+    assert set(terms) == {"train/l1"} and torch.allclose(loss, l1)
+
+
+def test_a_one_step_student_trains_its_unet_only_and_decodes_the_teachers_files(
+    photo_folder, tmp_path, assets
+):
+    """objective=StudentObjective from a saved teacher: the encoder (hyper-encoder,
+    quantizer buffers, null text) is bit for bit the teacher's, the U-Net moved, and the
+    teacher's file decodes with the student in one U-Net call."""
+    from perco import codec
+
+    teacher = tiny_perco("r0.0059").eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "runs"
+    backbone = assets / "lpips" / "vgg16_features.safetensors"
+    overrides = ["objective=student", f"init={tmp_path / 'teacher'}",
+                 f"objective.lpips_backbone={backbone}", "trainer.sample_steps=null"]  # fmt: skip
+    cfg = compose_train(*tiny_overrides(photo_folder, out, "trainer.max_steps=2", *overrides))
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["unet_trainable_share"] == 1.0
+    student = PerCo.from_pretrained(out / "tiny" / "r0.0059" / "model").eval()
+    assert student.config.sampler == "one-step" and student.default_steps == 1
+    assert codec.file_fingerprint(student) == teacher.fingerprint
+    for name in ("hyper_encoder", "quantizer", "null_text"):
+        ours, theirs = getattr(student, name).state_dict(), getattr(teacher, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    moved = [not torch.equal(p, q) for p, q in
+             zip(student.unet.parameters(), teacher.unet.parameters(), strict=True)]  # fmt: skip
+    assert any(moved)
+
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ((data, _),) = codec.compress(teacher, image, ["a photo"])
+    calls = []
+    handle = student.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        (decoded,) = codec.decompress(student, [codec.parse(student, data)[0]])
+    finally:
+        handle.remove()
+    assert calls == [1] and decoded.shape == (3, 64, 64)

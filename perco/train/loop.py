@@ -23,10 +23,12 @@ into a dispatcher that reads every rank's batch on rank 0. They plan each rank's
 themselves (:class:`perco.data.shards.ShardStream`), equal in batches, so ranks stay in
 lockstep, and skip to a mid-epoch position when resuming.
 
-The PerCo module goes through ``prepare`` whole: DDP only reduces gradients of the
-parameters that require them (the frozen parts carry none), and
+What is optimised is an objective the loop is handed (``objective``, see
+:mod:`perco.train.objectives`): PerCo's loss by default, or a one-step student's. The
+objective says which module goes through ``prepare``: PerCo's whole module (DDP only
+reduces gradients of the parameters that require them, the frozen parts carry none, and
 ``find_unused_parameters`` covers the null text, which a batch without dropped captions
-does not use.
+does not use), or a student's U-Net alone.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..io import atomic_write
-from ..losses import load_lpips, x0_lpips
 from ..models.perco import Capability, PerCo
 from .checkpoints import failpoint, next_index, resume_checkpoint, save_checkpoint
+from .objectives import PerCoObjective
 from .preemption import Preempted, Preemption
 from .validation import FixedValidation
 
@@ -189,8 +191,10 @@ def train(cfg: DictConfig) -> dict:
         atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     set_seed(tc.seed)  # the same initial weights on every rank
 
-    model = initial_model(cfg)
-    params = model.set_trainable(cfg.trainable.mode, **cfg.trainable.get("options", {}))
+    objective = instantiate(cfg.objective) if cfg.get("objective") else PerCoObjective()
+    model = objective.model(initial_model(cfg))  # the PerCo this run trains and saves
+    options = cfg.trainable.get("options", {})
+    trained, params = objective.trainable(model, cfg.trainable.mode, **options)
     shares = trainable_report(model)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
@@ -227,9 +231,7 @@ def train(cfg: DictConfig) -> dict:
     )
     validation = FixedValidation.build(cfg) if main else None
     ema = EMAModel(params, decay=tc.ema_decay) if tc.ema_decay else None
-    perceptual = None
-    if tc.lpips_weight:
-        perceptual = load_lpips(tc.lpips_net, tc.lpips_backbone).to(accelerator.device)
+    objective.setup(tc, accelerator.device)
 
     state = TrainState()
 
@@ -239,7 +241,7 @@ def train(cfg: DictConfig) -> dict:
     def save_hook(models, weights, output_dir):
         if main:
             folder = Path(output_dir)
-            perco = accelerator.unwrap_model(models[0])
+            perco = model  # the PerCo around the prepared module (itself, or its U-Net)
             perco.save_pretrained(folder / "perco")
             (folder / "train_state.json").write_text(json.dumps(asdict(state)))
             failpoint("checkpoint:after-model")
@@ -253,7 +255,8 @@ def train(cfg: DictConfig) -> dict:
 
     def load_hook(models, input_dir):
         folder = Path(input_dir)
-        target = accelerator.unwrap_model(models.pop())
+        models.pop()  # the prepared module: the PerCo, or its U-Net
+        target = model
         loaded = PerCo.from_pretrained(folder / "perco").state_dict()
         own = target.state_dict()
         # with LoRA the saved U-Net is merged: its adapted layers appear in `own` only as
@@ -271,17 +274,17 @@ def train(cfg: DictConfig) -> dict:
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
     if iterable:
-        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+        trained, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
     else:
-        model, optimizer, loader, lr_scheduler = accelerator.prepare(
-            model, optimizer, loader, lr_scheduler
+        trained, optimizer, loader, lr_scheduler = accelerator.prepare(
+            trained, optimizer, loader, lr_scheduler
         )
         if len(loader) == 0:  # an epoch without a batch would loop forever
             raise ValueError(
                 f"the dataset has {len(dataset)} samples: fewer than one batch of "
                 f"{tc.batch_size} per process; lower trainer.batch_size"
             )
-    unwrapped: PerCo = accelerator.unwrap_model(model)
+    unwrapped: PerCo = model
     grid = None
     if tc.get("timestep_grid"):
         sampler = copy.deepcopy(unwrapped.scheduler)
@@ -344,7 +347,7 @@ def train(cfg: DictConfig) -> dict:
     train_seconds, window_samples, window_start = 0.0, 0, time.perf_counter()
     per_step = tc.batch_size * accelerator.num_processes * tc.grad_accum
     try:
-        model.train()
+        trained.train()
         while state.step < tc.max_steps:
             epoch_loader = loader
             if state.batch_in_epoch and not iterable:  # shard streams skip by themselves
@@ -382,23 +385,8 @@ def train(cfg: DictConfig) -> dict:
                 if grid is not None:  # t from the sampler's grid (paper: trained with 50 steps)
                     n = len(batch["captions"])
                     timesteps = grid[torch.randint(len(grid), (n,), generator=generator)]
-                with accelerator.accumulate(model):
-                    losses = model(
-                        batch.get("images"),
-                        batch["captions"],
-                        latents=batch.get("latents"),
-                        timesteps=timesteps,
-                        generator=generator,
-                        snr_gamma=tc.get("snr_gamma"),
-                    )
-                    loss = losses.loss
-                    if perceptual is not None:
-                        if "images" not in batch:
-                            raise ValueError("the LPIPS term needs pixels; latent shards have none")
-                        lpips_term = x0_lpips(
-                            perceptual, unwrapped.autoencoder, losses.x0, batch["images"]
-                        )
-                        loss = loss + tc.lpips_weight * lpips_term
+                with accelerator.accumulate(trained):
+                    loss, terms = objective(trained, unwrapped, batch, generator, timesteps)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip:
                         accelerator.clip_grad_norm_(params, tc.grad_clip)
@@ -417,18 +405,11 @@ def train(cfg: DictConfig) -> dict:
                     train_seconds += elapsed
                     logs = {
                         "train/loss": loss.item(),
-                        "train/diffusion": losses.diffusion.item(),
-                        "train/vq": losses.vq.item(),
-                        "codebook/usage": losses.usage.item(),
-                        "codebook/perplexity": losses.perplexity.item(),
+                        **{name: value.item() for name, value in terms.items()},
                         "lr": lr_scheduler.get_last_lr()[0],
                         "samples_per_s": window_samples / elapsed,
                         "data/skipped": accelerator.reduce(skipped, "sum").item(),
                     }
-                    if perceptual is not None:
-                        logs["train/lpips"] = lpips_term.item()
-                    if losses.image is not None:
-                        logs["train/image"] = losses.image.item()
                     accelerator.log(logs, step=state.step)
                     if main:
                         log.info(
