@@ -77,6 +77,12 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
             "each image's file decoded with the indices of another image of its size "
             f"(pairs shuffled with seed {settings.seed}), its own seed and caption"
         )
+    sampler = {}
+    if model.config.sampler == "one-step":  # absent for DDIM: older protocols unchanged
+        sampler["sampler"] = (
+            f"one-step student: one U-Net call at t = {model.config.one_step_timestep} from "
+            f"noise, no guidance pass; decodes model {model.config.file_fingerprint[:4]}'s files"
+        )
     prior = {}
     if model.index_prior is not None:  # absent for uniform coding: older protocols unchanged
         record = model.index_prior_record or {}
@@ -95,6 +101,7 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
         "model_fingerprint": model.fingerprint.hex(),
         "scheduler": f"{type(model.scheduler).__name__} ({sched.prediction_type}, "
         f"{sched.timestep_spacing} spacing)",
+        **sampler,
         "steps": [s or model.default_steps for s in settings.steps],
         "guidance": settings.guidance or model.config.guidance,
         "guidance_scale": model.config.guidance_scale
