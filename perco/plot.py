@@ -147,9 +147,11 @@ def reconstruction_grid(
 
     Each row is labelled with its image id and each column with ``columns`` (default:
     ``original`` and the folder names; a label may hold a second line, e.g. its bpp).
+    Every image is scaled to ``height`` and centred in a column as wide as the widest,
+    so portrait images sit under their column titles too.
     """
     index = {it.id: i for i, it in enumerate(data.items)}
-    rows, labels, cell = [], [], None
+    found, labels = [], []
     for image_id in ids:
         cells = [data[index[image_id]]["image"]]
         for folder in folders:
@@ -158,15 +160,19 @@ def reconstruction_grid(
                 cells.append(load_image(path)[0])
         h, w = cells[0].shape[-2:]
         size = (height, round(w * height / h))
-        cell = cell or size[1] + 4  # the columns' width: the first row's cells
-        cells = [
-            F.interpolate(c[None], size=size, mode="bilinear", antialias=True)[0] for c in cells
-        ]
-        rows.append(torch.cat([F.pad(c, (2, 2, 2, 2), value=1.0) for c in cells], dim=-1))
+        found.append([F.interpolate(c[None], size=size, mode="bilinear", antialias=True)[0]
+                      for c in cells])  # fmt: skip
         labels.append(image_id)
-    if not rows:
+    if not found:
         return None
-    width = max(r.shape[-1] for r in rows)
+    column = max(c.shape[-1] for cells in found for c in cells)
+
+    def boxed(c: torch.Tensor) -> torch.Tensor:  # centred in the column, 2 px margins
+        left = (column - c.shape[-1]) // 2
+        return F.pad(c, (2 + left, 2 + column - c.shape[-1] - left, 2, 2), value=1.0)
+
+    rows = [torch.cat([boxed(c) for c in cells], dim=-1) for cells in found]
+    width, cell = max(r.shape[-1] for r in rows), column + 4
     grid = torch.cat([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows], dim=-2)
     columns = columns or ["original", *(Path(f).name for f in folders)]
     return _label(grid, columns, labels, cell, height + 4)

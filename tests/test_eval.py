@@ -488,3 +488,36 @@ def test_plot_curves_at_the_uniform_coding_rate():
     assert "b [uniform coding]" not in curves  # already uniformly coded
     at_uniform = _curves([learned, uniform], "bpp_uniform")
     assert at_uniform["a"][0][0] == 0.013 and at_uniform["b"][0][0] == 0.02
+
+
+def test_grid_cells_sit_under_their_column_titles_whatever_the_orientation(tmp_path):
+    """A portrait row's cells are centred in the landscape row's columns (issue 28)."""
+    from types import SimpleNamespace
+
+    from perco.io import save_image
+    from perco.plot import reconstruction_grid
+
+    images = {"wide": torch.zeros(3, 64, 96), "tall": torch.zeros(3, 96, 64)}  # black
+    for name, image in images.items():
+        save_image(image, tmp_path / f"{name}_0.png")
+
+    class Data:
+        items = [SimpleNamespace(id=name) for name in images]
+
+        def __getitem__(self, i):
+            return {"image": list(images.values())[i]}
+
+    grid = reconstruction_grid(Data(), [tmp_path], list(images), height=48)
+    left, top, cell_h = 60, 36, 48 + 4  # label margins of plot._label; 2 px cell borders
+
+    def dark_runs(row: int) -> list[tuple[int, int]]:
+        band = grid[:, top + row * cell_h + 2 : top + (row + 1) * cell_h - 2, left:]
+        cols = (band.mean(0) < 0.5).any(0).nonzero().flatten().tolist()
+        starts = [c for c in cols if c - 1 not in cols]
+        ends = [c for c in cols if c + 1 not in cols]
+        return list(zip(starts, ends, strict=True))
+
+    wide, tall = dark_runs(0), dark_runs(1)
+    assert [b - a + 1 for a, b in wide] == [72, 72] and [b - a + 1 for a, b in tall] == [32, 32]
+    for (a, b), (c, d) in zip(wide, tall, strict=True):  # same column, same centre
+        assert abs((a + b) - (c + d)) <= 1
