@@ -130,6 +130,7 @@ LEGACY_PRIOR_VERSION = 2  # learned prior, end unchecked without a caption (read
 CHECKED_UNIFORM_VERSION = 3  # packed indices, then a length-prefixed range-coded caption
 PRIOR_VERSION = 4  # learned prior, every range-coded stream length-prefixed
 _PRIOR_VERSIONS = (LEGACY_PRIOR_VERSION, PRIOR_VERSION)
+_CHECKED_VERSIONS = (CHECKED_UNIFORM_VERSION, PRIOR_VERSION)  # every stream's end is known
 HEADER_BYTES = 8  # without optional fields
 DEFAULT_SEED = 0
 CUSTOM_RATE_ID = 15
@@ -407,15 +408,20 @@ def write(
                             h * w, image.rate.codebook_size)  # fmt: skip
 
 
+def _index_length(version: int, codec: int) -> bool:
+    """Whether a prior-coded file stores its index stream's length: always in version 4,
+    in version 2 only when a caption or image codes follow."""
+    return version == PRIOR_VERSION or codec != CAPTION_NONE
+
+
 def _breakdown(data, size, version, crc, stream, caption, codec, count, v) -> Breakdown:
     uniform_bits = packed_bits(count, v)
     learned = version in _PRIOR_VERSIONS
     index_bits = 8 * len(stream) if learned else uniform_bits
     uniform_bytes = None
     if learned:  # the same file with packed indices (version 1 or 3): no index length
-        length_field = version == PRIOR_VERSION or codec != CAPTION_NONE
         uniform_bytes = len(data) - len(stream) + (uniform_bits + 7) // 8
-        uniform_bytes -= len(_varint(len(stream))) if length_field else 0
+        uniform_bytes -= len(_varint(len(stream))) if _index_length(version, codec) else 0
     return Breakdown(
         size=size,
         file_bytes=len(data),
@@ -541,7 +547,7 @@ def read_payload(
         raise BitstreamError("the file's indices are coded with a learned index prior; "
                              "this model has none")  # fmt: skip
     start = header.length
-    if learned and (version == PRIOR_VERSION or codec != CAPTION_NONE):
+    if learned and _index_length(version, codec):
         size, start = _read_varint(data, start, "index stream length")
         end = start + size
         if end > len(data):
@@ -554,7 +560,7 @@ def read_payload(
             raise BitstreamError(f"truncated index payload ({len(data) - start} of "
                                  f"{end - start} bytes)")  # fmt: skip
     stream, caption_start = data[start:end], end
-    if codec in RANGE_CODED and version in (CHECKED_UNIFORM_VERSION, PRIOR_VERSION):
+    if codec in RANGE_CODED and version in _CHECKED_VERSIONS:
         size, caption_start = _read_varint(data, end, "caption length")
         if caption_start + size != len(data):
             raise BitstreamError(f"the file is {len(data)} bytes, its streams end at byte "
@@ -595,7 +601,7 @@ def end_checked(header: Header) -> bool:
     """Whether a cut or extended file with this header is always refused: false only for
     files written before version 3 whose last stream is range-coded (a version 2 file
     without a caption, or an exact-text / token-id caption in version 1 or 2)."""
-    if header.version in (CHECKED_UNIFORM_VERSION, PRIOR_VERSION):
+    if header.version in _CHECKED_VERSIONS:
         return True
     if header.caption_codec in RANGE_CODED:
         return False

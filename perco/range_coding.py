@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["decoder", "to_bytes", "shortest_prefix"]
+__all__ = ["decoder", "to_bytes", "shortest_prefix", "is_cut"]
 
 
 def decoder(data: bytes):
@@ -35,13 +35,22 @@ def shortest_prefix(data: bytes, decodes: Callable[[bytes], bool]) -> bytes:
     """
     best = data
     for k in range(len(data) - 1, -1, -1):
-        prefix = data[:k]
-        bumped = int.from_bytes(prefix, "big") + 1
-        candidates = [prefix]
-        if k and bumped < 1 << 8 * k:
-            candidates.append(bumped.to_bytes(k, "big"))
-        fits = next((c for c in candidates if decodes(c)), None)
+        fits = next((c for c in _cuts(data, k) if decodes(c)), None)
         if fits is None:
             return best
         best = fits
     return best
+
+
+def is_cut(core: bytes, full: bytes) -> bool:
+    """Whether ``core`` is one of the cuts :func:`shortest_prefix` tries on the whole
+    output ``full``: at its length, the prefix or the prefix plus one unit."""
+    return len(core) <= len(full) and core in _cuts(full, len(core))
+
+
+def _cuts(data: bytes, k: int) -> list[bytes]:
+    """The ``k``-byte cuts of ``data``: its prefix, and the prefix plus one in its last
+    byte when that does not carry out of ``k`` bytes."""
+    prefix = data[:k]
+    bumped = int.from_bytes(prefix, "big") + 1
+    return [prefix, bumped.to_bytes(k, "big")] if k and bumped < 1 << 8 * k else [prefix]

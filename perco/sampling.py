@@ -40,6 +40,7 @@ __all__ = [
     "with_spacing",
     "sample",
     "one_step",
+    "one_step_x0",
 ]
 
 GuidanceMode = Literal["none", "text", "text+spatial"]
@@ -49,9 +50,7 @@ SAMPLERS: tuple[str, ...] = ("ddim", "one-step")
 
 class Sampler:
     """Latents from the U-Net's conditions: ``sampler(unet, scheduler, spatial, text,
-    null_text, generator)``; ``unet_calls`` per batch."""
-
-    unet_calls: int
+    null_text, generator)``."""
 
     def __call__(self, unet, scheduler, spatial, text, null_text, generator) -> torch.Tensor:
         raise NotImplementedError
@@ -65,10 +64,6 @@ class GuidedSampler(Sampler):
     guidance: GuidanceMode = "text"
     guidance_scale: float = 3.0
 
-    @property
-    def unet_calls(self) -> int:
-        return self.steps
-
     def __call__(self, unet, scheduler, spatial, text, null_text, generator) -> torch.Tensor:
         return sample(unet, scheduler, spatial, text, null_text, steps=self.steps,
                       guidance=self.guidance, guidance_scale=self.guidance_scale,
@@ -80,7 +75,6 @@ class OneStepSampler(Sampler):
     """:func:`one_step` at the student's ``timestep``: one unbatched U-Net call."""
 
     timestep: int
-    unet_calls = 1
 
     def __call__(self, unet, scheduler, spatial, text, null_text, generator) -> torch.Tensor:
         return one_step(unet, scheduler, spatial, text, timestep=self.timestep,
@@ -200,15 +194,23 @@ def one_step(
     generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """A student's decoding: noise ``x_T`` (seeded per image, as :func:`sample` draws it)
-    at the fixed ``timestep``, one U-Net call on the conditional branch, and the clean
-    latent its prediction implies (:func:`perco.losses.predicted_x0`)."""
-    from .losses import predicted_x0
-
+    and :func:`one_step_x0`."""
     batch, _, height, width = spatial.shape
     dtype = unet.dtype
     noise = randn_tensor((batch, unet.config.out_channels, height, width), generator=generator,
                          device=spatial.device, dtype=dtype)  # fmt: skip
     noise = noise * scheduler.init_noise_sigma
-    t = torch.full((batch,), timestep, device=spatial.device, dtype=torch.long)
-    pred = unet(torch.cat([noise, spatial.to(dtype)], dim=1), t, text.to(dtype)).sample
-    return predicted_x0(scheduler, noise, pred, t).to(dtype)
+    return one_step_x0(unet, scheduler, noise, spatial, text, timestep).to(dtype)
+
+
+def one_step_x0(unet, scheduler, noise, spatial, text, timestep: int) -> torch.Tensor:
+    """One U-Net call on the conditional branch at the fixed ``timestep`` from ``noise``
+    (whose dtype the inputs take), and the clean latent its prediction implies
+    (:func:`perco.losses.predicted_x0`, float32). With gradients: a student's decoding
+    and its training step (where ``unet`` may be the DDP-wrapped U-Net) both call it."""
+    from .losses import predicted_x0
+
+    t = torch.full((len(noise),), timestep, device=noise.device, dtype=torch.long)
+    unet_in = torch.cat([noise, spatial.to(noise.dtype)], dim=1)
+    pred = unet(unet_in, t, text.to(noise.dtype)).sample
+    return predicted_x0(scheduler, noise, pred, t)

@@ -70,7 +70,6 @@ class DISTS(nn.Module):
         weights = torch.load(
             resources.files("DISTS_pytorch") / "weights.pt", map_location="cpu", weights_only=True
         )
-        self.chns = (3, 64, 128, 256, 512, 512)
         total = weights["alpha"].sum() + weights["beta"].sum()
         self.register_buffer("alpha", weights["alpha"].flatten() / total)
         self.register_buffer("beta", weights["beta"].flatten() / total)

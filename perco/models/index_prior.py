@@ -90,7 +90,7 @@ from torch import nn
 
 from ..bitstream import BitstreamError, pack_indices, unpack_indices
 from ..range_coding import decoder as range_decoder
-from ..range_coding import shortest_prefix, to_bytes
+from ..range_coding import is_cut, shortest_prefix, to_bytes
 
 __all__ = [
     "IndexPrior",
@@ -446,17 +446,11 @@ def _encode_stream(code: int, symbols: np.ndarray, weights: np.ndarray) -> bytes
 
 def _is_cut_of(data: bytes, full: bytes, count: int) -> bool:
     """Whether ``data`` has the form the encoder gives a stream whose whole output is
-    ``full``: a prefix of it, or the prefix with one added to its last byte, never ending
-    in a zero byte (a shorter prefix would then decode alike), then zero bytes up to
+    ``full``: one of its cuts (:func:`perco.range_coding.is_cut`), never ending in a zero
+    byte (a shorter prefix would then decode alike), then zero bytes up to
     :func:`min_stream_bytes`. One encoding, no decoding: the check every decode makes."""
     core = data.rstrip(b"\x00")
-    if len(data) != max(len(core), min_stream_bytes(count)) or len(core) > len(full):
-        return False
-    prefix = full[: len(core)]
-    bumped = int.from_bytes(prefix, "big") + 1
-    return core == prefix or (
-        bumped < 1 << 8 * len(core) and core == bumped.to_bytes(len(core), "big")
-    )
+    return len(data) == max(len(core), min_stream_bytes(count)) and is_cut(core, full)
 
 
 def min_stream_bytes(count: int) -> int:

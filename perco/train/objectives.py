@@ -20,8 +20,9 @@ import os
 import torch
 from torch import nn
 
-from ..losses import load_lpips, predicted_x0, x0_lpips
+from ..losses import load_lpips, x0_lpips
 from ..models.perco import PerCo
+from ..sampling import one_step_x0
 
 __all__ = ["Objective", "PerCoObjective", "StudentObjective", "regression_loss"]
 
@@ -171,10 +172,8 @@ class StudentObjective(Objective):
             text, _ = model._context(batch["captions"], model._global(images)[0])
             text = model._append(text, local.tokens)
         sched = model.scheduler
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        noise = noise * sched.init_noise_sigma
-        t = torch.full((len(latents),), model.config.one_step_timestep, device=latents.device)
-        unet_in = torch.cat([noise, local.spatial], dim=1).to(model.unet.dtype)
-        pred = trained(unet_in, t, text.to(model.unet.dtype)).sample
-        decoded = model.autoencoder.decode(predicted_x0(sched, noise, pred, t)).float()
+        noise = torch.randn(latents.shape, generator=generator)
+        noise = noise.to(latents.device, model.unet.dtype) * sched.init_noise_sigma
+        x0 = one_step_x0(trained, sched, noise, local.spatial, text, model.config.one_step_timestep)
+        decoded = model.autoencoder.decode(x0).float()
         return regression_loss(decoded, target, self.lpips, self.l1_weight, self.lpips_weight)
