@@ -241,3 +241,32 @@ def test_sigterm_checkpoints_both_ranks_and_the_requeued_run_is_exact(photo_fold
 def test_fewer_samples_than_one_batch_is_refused_not_an_endless_loop(photo_folder, tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch of 8 per process"):
         train(folder_overrides(photo_folder, tmp_path, "trainer.batch_size=8"))
+
+
+@pytest.mark.slow
+def test_a_student_trains_on_two_processes_on_shards_and_resumes_mid_epoch_exactly(
+    shards, tmp_path, assets
+):
+    """objective=student as the PerCo loss runs: 2 gloo processes on shards (only the
+    U-Net goes through DDP), ranks in sync at the end, and a run resumed mid-epoch ends
+    with the uninterrupted run's weights."""
+    from perco.testing import tiny_perco
+
+    tiny_perco(RATE).save_pretrained(tmp_path / "teacher")
+    backbone = assets / "lpips" / "vgg16_features.safetensors"
+    student = ("objective=student", f"init={tmp_path / 'teacher'}", "trainer.sample_steps=null",
+               f"objective.lpips_backbone={backbone}")  # fmt: skip
+    last = (*student, "trainer.max_steps=8", "trainer.checkpoint_every=4")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "a", *last)))
+    summary = json.loads((run_dir(tmp_path / "a") / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["steps"] == 8
+    first = (*student, "trainer.max_steps=4", "trainer.checkpoint_every=4")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "b", *first)))
+    resume = (*last, "trainer.resume=latest")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "b", *resume)))
+    assert_same_weights(run_dir(tmp_path / "a"), run_dir(tmp_path / "b"))
+    teacher = _weights(tmp_path / "teacher")
+    trained = _weights(run_dir(tmp_path / "a") / "model")
+    assert any(not torch.equal(trained[k], teacher[k]) for k in teacher if k.startswith("unet"))
+    assert all(torch.equal(trained[k], teacher[k]) for k in teacher
+               if k.startswith(("hyper_encoder", "quantizer")))  # fmt: skip

@@ -327,12 +327,17 @@ class PerCo(nn.Module):
             prior.requires_grad_(False).eval()
         self.index_prior = prior
         self.index_prior_record = record if prior is not None else None
-        self._fingerprint = None
+        self.forget_fingerprint()
 
     def train(self, mode: bool = True) -> PerCo:
         if mode:
-            self._fingerprint = None  # weights are about to change
+            self.forget_fingerprint()  # weights are about to change
         return super().train(mode)
+
+    def forget_fingerprint(self) -> None:
+        """Compute the fingerprint afresh at its next use: after weights changed outside
+        training mode (a student's U-Net trains while the rest stays in eval)."""
+        self._fingerprint = None
 
     def _check_consistency(self) -> None:
         he, vq, rate = self.hyper_encoder.config, self.quantizer.config, self.config.rate

@@ -69,7 +69,7 @@ def save(model, path: str | os.PathLike) -> None:
             model.index_prior.save_pretrained(tmp / "index_prior")
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         model.scheduler.save_pretrained(tmp / "scheduler")
-        model._fingerprint = None
+        model.forget_fingerprint()
         config = {
             **model.config.to_dict(),
             "variant": model.variant,

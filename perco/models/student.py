@@ -37,7 +37,7 @@ def one_step_student(teacher: PerCo, timestep: int = 999) -> PerCo:
         steps=1,
         file_fingerprint=file_fingerprint(teacher).hex(),
     )
-    student._fingerprint = None
+    student.forget_fingerprint()
     freeze_encoder(student)
     return student
 

@@ -453,6 +453,7 @@ def train(cfg: DictConfig) -> dict:
             keys_log.close()
     accelerator.wait_for_everyone()
     train_seconds += time.perf_counter() - window_start
+    unwrapped.forget_fingerprint()  # trained, in whatever mode the objective kept it
 
     summary["steps"] = state.step
     summary["samples_per_s"] = state.samples / train_seconds if train_seconds else math.nan
