@@ -3,10 +3,15 @@
     perco-plot runs/eval/coco30k -o coco30k.pdf --metrics fid lpips ms_ssim
     perco-plot a/results.json b/results.json -o curves.png --x bpp_file
 
+    perco-plot runs/eval/kodak/tiny_taef2 --reference perco-sd-kodak --reference my.json
+    perco-plot runs/eval/kodak/tiny_taef2 --bd-anchor avif
+
 Files (or folders searched for ``results.json``) with the same ``name`` form one curve,
-sorted by rate. The reference series are the published numbers recorded in DESIGN.md
-(read off the papers' plots, ≈): official PerCo and PerCo (SD 2.1) on MS-COCO 30k, and
-PerCo (SD) on Kodak; they are drawn when the results' dataset matches.
+sorted by rate. Classic codecs rate-matched in those runs (``eval.references``) form one
+curve each, from the targets every image reached. ``--reference`` adds published points
+(:mod:`perco.published`, by name) or any CompressAI-format results file; by default, the
+shipped references on the results' dataset are drawn, each marked as another model.
+``--bd-anchor`` prints each curve's BD-rate against one of them (:mod:`perco.eval.bd`).
 """
 
 from __future__ import annotations
@@ -22,44 +27,30 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_write, load_image, to_pil
+from .published import for_dataset, load_reference
 
-__all__ = ["REFERENCES", "plot_results", "reconstruction_grid", "main"]
-
-# payload bpp and metrics; COCO-30k at 512², Kodak at native size
-REFERENCES = {
-    "coco30k": {
-        "PerCo (official)": {
-            "bpp_payload": [0.0042, 0.0121, 0.0334, 0.0529, 0.1268],
-            "fid": [5.46, 3.67, 2.6, 2.12, 1.01],
-            "lpips": [0.539, 0.395, 0.241, 0.160, 0.103],
-            "ms_ssim": [0.395, 0.580, 0.709, 0.777, 0.879],
-        },
-        "PerCo (SD 2.1, 50k steps)": {
-            "bpp_payload": [0.0037, 0.0113, 0.0329, 0.1266],
-            "fid": [4.76, 3.38, 2.57, 1.22],
-            "lpips": [0.551, 0.432, 0.313, 0.140],
-        },
-    },
-    "kodak": {
-        "PerCo (SD)": {
-            "bpp_payload": [0.0324, 0.1261],
-            "lpips": [0.297, 0.143],
-            "ms_ssim": [0.674, 0.847],
-            "psnr": [19.53, 22.79],
-        },
-    },
-}
+__all__ = ["curves", "plot_results", "reconstruction_grid", "main"]
 
 DEFAULT_METRICS = ("lpips", "ms_ssim", "psnr", "fid")
 
 
-def _curves(
-    docs: list[dict], x: str, uniform_too: bool = False
+def published_label(ref: dict) -> str:
+    """A published curve's legend entry: it is another model, measured elsewhere."""
+    return f"{ref['name']} [published, {ref.get('dataset', 'unknown set')}]"
+
+
+def curves(
+    docs: list[dict], x: str, uniform_too: bool = False, references: list[dict] = ()
 ) -> dict[str, list[tuple[float, dict]]]:
-    """Points per labelled curve. ``x="bpp_uniform"`` places uniformly coded results at
-    their ``bpp``; ``uniform_too`` adds, for results coded with a learned index prior, the
-    same points at ``bpp_uniform`` (PerCo's coding of the same indices)."""
-    curves = defaultdict(list)
+    """Points ``(rate, {column: value})`` per labelled curve, sorted by rate.
+
+    ``x="bpp_uniform"`` places uniformly coded results at their ``bpp``; ``uniform_too``
+    adds, for results coded with a learned index prior, the same points at
+    ``bpp_uniform`` (PerCo's coding of the same indices). Rate-matched classic codecs
+    are placed at their file bpp, published references at the bpp they report."""
+    from .eval.codecs import codec_label
+
+    out = defaultdict(list)
     for doc in docs:
         res = doc["results"]
         name = doc["name"]
@@ -73,8 +64,17 @@ def _curves(
         for key, suffix in axes:
             for i in range(len(res.get(key, []))):
                 label = name if len(res[key]) == 1 else f"{name} ({res['steps'][i]} steps)"
-                curves[label + suffix].append((res[key][i], {k: v[i] for k, v in res.items()}))
-    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
+                out[label + suffix].append((res[key][i], {k: v[i] for k, v in res.items()}))
+        for series, row in doc.get("references", {}).items():
+            if "target_bpp" in row and row["images"] and not row["cannot_reach"]:
+                label = f"{codec_label(series.split('@')[0])} (rate-matched)"
+                if all(p["target_bpp"] != row["target_bpp"] for _, p in out[label]):
+                    out[label].append((row["bpp_file"], row))
+    for ref in references:
+        res = ref["results"]
+        out[published_label(ref)] = [(res["bpp"][i], {k: v[i] for k, v in res.items()})
+                      for i in range(len(res["bpp"]))]  # fmt: skip
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in out.items() if v}
 
 
 def _title(metric: str, docs: list[dict]) -> str:
@@ -95,41 +95,45 @@ def plot_results(
     path: str | Path,
     metrics: tuple[str, ...] = DEFAULT_METRICS,
     x: str = "bpp_payload",
-    reference: str | None = None,
+    references: list[dict] | None = None,
     uniform_too: bool = False,
 ) -> None:
-    """One panel per metric that any result or reference has; PNG or PDF by suffix."""
+    """One panel per metric that any result or reference has; PNG or PDF by suffix.
+
+    ``references``: published documents (:func:`perco.published.load_reference`), drawn
+    dashed; default: the shipped ones on the first result's dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = _curves(docs, x, uniform_too)
-    refs = REFERENCES.get(reference or "", {})
-    shown = [
-        m
-        for m in metrics
-        if any(m in p for pts in curves.values() for _, p in pts)
-        or any(m in r for r in refs.values())
-    ]
+    if references is None:
+        dataset = docs[0].get("protocol", {}).get("dataset") if docs else None
+        references = [load_reference(n) for n in for_dataset(dataset)]
+    drawn = curves(docs, x, uniform_too, references)
+    published = {published_label(ref) for ref in references}
+    shown = [m for m in metrics if any(m in p for pts in drawn.values() for _, p in pts)]
     if not shown:
         raise ValueError(f"none of {metrics} is in the results")
     fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], shown, strict=True):
-        for label, points in curves.items():
+        for label, points in drawn.items():
             xs = [px for px, p in points if p.get(metric) is not None]
             ys = [p[metric] for _, p in points if p.get(metric) is not None]
             if xs:
-                ax.plot(xs, ys, "o-", label=label)
-        for label, ref in refs.items():
-            if metric in ref:
-                ax.plot(ref["bpp_payload"], ref[metric], "s--", alpha=0.6, label=label)
+                style = "s--" if label in published else "o-"
+                ax.plot(xs, ys, style, alpha=0.6 if label in published else 1.0, label=label)
         ax.set_xscale("log")
         ax.set_xlabel(x.replace("_", " "))
         ax.set_title(_title(metric, docs))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    notes = [f"{ref['name']}: {ref['sources'][0]['paper']}, {ref['sources'][0]['where']}"
+             + (" (read off a figure)" if ref["sources"][0].get("read_from_figure") else "")
+             for ref in references if ref.get("sources")]  # fmt: skip
+    fig.tight_layout(rect=(0, 0.04 * len(notes), 1, 1))
+    for i, note in enumerate(notes):
+        fig.text(0.01, 0.04 * (len(notes) - i - 1) + 0.005, note, fontsize=6, color="0.3")
     suffix = Path(path).suffix.lstrip(".") or "png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120))
     plt.close(fig)
@@ -143,7 +147,7 @@ def reconstruction_grid(
     columns: list[str] | None = None,
 ) -> torch.Tensor | None:
     """Rows of images: the original, then ``<id>_0.png`` from each folder (a series'
-    reconstructions); ``None`` if none was saved.
+    reconstructions, blank where it has none); ``None`` without ids.
 
     Each row is labelled with its image id and each column with ``columns`` (default:
     ``original`` and the folder names; a label may hold a second line, e.g. its bpp).
@@ -156,8 +160,9 @@ def reconstruction_grid(
         cells = [data[index[image_id]]["image"]]
         for folder in folders:
             path = Path(folder) / f"{image_id}_0.png"
-            if path.is_file():
-                cells.append(load_image(path)[0])
+            # a blank cell where a series has no image (e.g. a codec that cannot reach
+            # the rate), so every cell stays under its column's title
+            cells.append(load_image(path)[0] if path.is_file() else torch.ones_like(cells[0]))
         h, w = cells[0].shape[-2:]
         size = (height, round(w * height / h))
         found.append([F.interpolate(c[None], size=size, mode="bilinear", antialias=True)[0]
@@ -194,6 +199,32 @@ def _label(grid, columns: list[str], rows: list[str], cell_w: int, cell_h: int) 
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1) / 255
 
 
+def bd_table(docs, anchor: str, x: str, metrics, references: list[dict]) -> str:
+    """Each curve's BD-rate (percent, :func:`perco.eval.bd.bd_rate`) against ``anchor``:
+    a classic codec's name or a curve's label."""
+    from .eval.bd import INTERPOLATION, bd_rate
+    from .eval.codecs import codec_label
+
+    drawn = curves(docs, x, references=references)
+    names = [f"{codec_label(anchor)} (rate-matched)", anchor]
+    label = next((n for n in names if n in drawn), None)
+    if label is None:
+        raise ValueError(f"no curve {anchor!r} to anchor on; curves: {', '.join(drawn)}")
+    lines = [f"BD-rate against {label} ({INTERPOLATION}; rate: {x})",
+             "| curve | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, points in drawn.items():
+        if name == label:
+            continue
+        cells = []
+        for metric in metrics:
+            pick = [(r, p.get(metric)) for r, p in points]
+            result = bd_rate([(r, p.get(metric)) for r, p in drawn[label]], pick, metric)
+            cells.append(f"{result['bd_rate_percent']:+.1f}%" if "none" not in result
+                         else f"- ({result['none']})")  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _gather(paths: list[Path]) -> list[dict]:
     files = []
     for p in paths:
@@ -226,13 +257,23 @@ def main(argv: list[str] | None = None) -> int:
         help="also draw results coded with a learned index prior at their uniform-coding bpp",
     )
     parser.add_argument(
-        "--reference", help="dataset of the reference series (default: the results')"
+        "--reference",
+        action="append",
+        help="published points to draw: a shipped name (perco.published.available()) or a "
+        "CompressAI-format results file; repeatable (default: the shipped ones on the "
+        "results' dataset)",
+    )
+    parser.add_argument(
+        "--bd-anchor",
+        help="print every curve's BD-rate against this one: a codec name (avif) or a label",
     )
     args = parser.parse_args(argv)
     try:
         docs = _gather(args.inputs)
-        reference = args.reference or docs[0].get("protocol", {}).get("dataset")
-        plot_results(docs, args.output, tuple(args.metrics), args.x, reference, args.uniform_too)
+        refs = None if args.reference is None else [load_reference(r) for r in args.reference]
+        plot_results(docs, args.output, tuple(args.metrics), args.x, refs, args.uniform_too)
+        if args.bd_anchor:
+            print(bd_table(docs, args.bd_anchor, args.x, args.metrics, refs or []))
     except (OSError, ValueError) as e:
         print(f"perco-plot: error: {e}", file=sys.stderr)
         return 1

@@ -131,9 +131,9 @@ def test_paper_protocol_captions_at_encode_time_and_codes_them_with_zlib(
     assert any(d.startswith("captions: captioner blip2:") for d in departures)  # a stand-in
     assert any(d.startswith("steps [2]") for d in departures)
     assert not any("caption codec" in d or "guidance" in d for d in departures)
-    from perco.plot import _curves
+    from perco.plot import curves
 
-    assert list(_curves([doc], "bpp_payload")) == ["perco [zlib captions]"]  # plot legend
+    assert list(curves([doc], "bpp_payload")) == ["perco [zlib captions]"]  # plot legend
 
 
 def test_the_protocol_never_claims_captions_that_images_did_not_get(photos, tmp_path):
@@ -169,7 +169,7 @@ def test_bad_dataset_is_a_one_line_error(tmp_path):
 def test_perco_plot_merges_results_and_rejects_bad_files(photos, tmp_path, assets):
     run(config(photos, tmp_path / "e", "eval.ceiling=false"))
     out = tmp_path / "curves.pdf"
-    assert plot_main([str(tmp_path / "e"), "-o", str(out), "--reference", "kodak"]) == 0
+    assert plot_main([str(tmp_path / "e"), "-o", str(out), "--reference", "perco-sd-kodak"]) == 0
     assert out.read_bytes().startswith(b"%PDF")
     bad = tmp_path / "bad.json"
     bad.write_text("{")
@@ -457,6 +457,44 @@ def test_several_rungs_in_one_table_with_references_once(photos, tmp_path, asset
     assert "| perco r0.0059 |" in text and (out / "grid.png").is_file()
 
 
+def test_classic_codecs_rate_matched_in_the_rung_table_with_bd_rates(photos, tmp_path, assets):
+    """eval.references: each codec at each target, "cannot reach" per image where even its
+    smallest file is larger, the protocol naming library, version and settings, and the
+    BD-rate section never extrapolating."""
+    pytest.importorskip("imagecodecs", reason="the codecs extra")
+    from perco.testing import tiny_perco
+
+    runs = tmp_path / "runs"
+    for rate in ("r0.0019", "r0.0059"):
+        tiny_perco(rate).eval().save_pretrained(runs / rate / "model")
+    out = tmp_path / "eval"
+    extra = ["rates=[r0.0019,r0.0059]", "eval.references=[jpeg,webp]", "eval.ceiling=false",
+             "eval.reference_bpp=[0.01,1.5,3]", "eval.bd_anchor=jpeg"]  # fmt: skip
+    summary = run(config(photos, out, f"checkpoint={runs}", *extra))
+    rows = summary["rows"]
+    (label,) = [k for k in rows if k.startswith("JPEG ≤0.0100 bpp: cannot reach (smallest ")]
+    unreached = rows[label]
+    assert unreached["images"] == 0 and len(unreached["cannot_reach"]) == 3
+    assert all(b > 0.01 for b in unreached["cannot_reach"].values())
+    reached = rows["JPEG ≤3.0000 bpp (3/3 images)"]
+    assert reached["bpp_file"] <= 3 and reached["lpips"] > 0
+    doc = json.loads((out / "r0.0019" / "results.json").read_text())
+    proto = doc["protocol"]
+    assert proto["reference_targets_bpp"] == [0.01, 1.5, 3]
+    assert proto["reference_codecs"]["webp"]["library"].startswith("imagecodecs ")
+    assert "cannot reach" in proto["reference_rate_matching"]
+    csv_rows = list(csv.DictReader((out / "r0.0019" / "per_image.csv").open()))
+    cut = [r for r in csv_rows if r["series"] == "jpeg@0.0100"]
+    assert len(cut) == 3 and all(r["cannot_reach"] == "True" and not r["lpips"] for r in cut)
+    assert not (out / "r0.0059" / "per_image.csv").read_text().count("jpeg@")  # once
+    bd = summary["bd_rate"]
+    assert bd["anchor"] == "jpeg" and bd["anchor_points"] >= 1
+    text = (out / "summary.md").read_text()
+    assert "BD-rate of the rungs against JPEG" in text
+    # the tiny rungs' LPIPS (~1.1) and JPEG's at 1.5–3 bpp (~0.1–0.3) share no range
+    assert "- lpips: not computed: no overlap in lpips" in text
+
+
 def test_a_model_with_an_index_prior_reports_both_rates(photos, tmp_path, assets):
     from perco.models.index_prior import ContextPrior
     from perco.testing import tiny_perco
@@ -478,15 +516,15 @@ def test_a_model_with_an_index_prior_reports_both_rates(photos, tmp_path, assets
 
 
 def test_plot_curves_at_the_uniform_coding_rate():
-    from perco.plot import _curves
+    from perco.plot import curves
 
     learned = {"name": "a", "results": {"bpp": [0.01], "bpp_uniform": [0.013],
                                         "steps": [5], "lpips": [0.5]}}  # fmt: skip
     uniform = {"name": "b", "results": {"bpp": [0.02], "steps": [5], "lpips": [0.4]}}
-    curves = _curves([learned, uniform], "bpp", uniform_too=True)
-    assert curves["a"][0][0] == 0.01 and curves["a [uniform coding]"][0][0] == 0.013
-    assert "b [uniform coding]" not in curves  # already uniformly coded
-    at_uniform = _curves([learned, uniform], "bpp_uniform")
+    drawn = curves([learned, uniform], "bpp", uniform_too=True)
+    assert drawn["a"][0][0] == 0.01 and drawn["a [uniform coding]"][0][0] == 0.013
+    assert "b [uniform coding]" not in drawn  # already uniformly coded
+    at_uniform = curves([learned, uniform], "bpp_uniform")
     assert at_uniform["a"][0][0] == 0.013 and at_uniform["b"][0][0] == 0.02
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..metrics import LPIPSDistance
+from .codecs import CodecUnavailable
 from .settings import Backbones, EvalSettings
 
 __all__ = ["BackboneUnavailable", "load_backbones", "settings_from_config", "run", "main"]
@@ -91,6 +92,9 @@ def settings_from_config(cfg) -> EvalSettings:
         ceiling=e.ceiling,
         jpeg=list(e.get("jpeg") or []),
         control=bool(e.get("control", False)),
+        references=list(e.get("references") or []),
+        reference_bpp=None if e.get("reference_bpp") is None else list(e.reference_bpp),
+        bd_anchor=e.get("bd_anchor"),
         batch_size=e.batch_size,
         fid_variant=cfg.dataset.fid_variant,
         patch_size=cfg.metrics.patch_size,
@@ -142,7 +146,8 @@ def main() -> None:
     def _main(cfg) -> None:
         try:
             run(cfg)
-        except (FileNotFoundError, ValueError, KeyError, BackboneUnavailable) as e:
+        except (FileNotFoundError, ValueError, KeyError, BackboneUnavailable,
+                CodecUnavailable) as e:  # fmt: skip
             print(f"perco-eval: error: {e}", file=sys.stderr)
             sys.exit(1)
 

@@ -23,6 +23,8 @@ import torch
 from ..io import atomic_write, save_image
 from ..models.perco import PerCo
 from ..timing import OtherLoad, machine_load, repeat
+from .bd import INTERPOLATION, bd_rate
+from .codecs import codec_label
 from .metrics import table_columns
 from .references import CONTROL
 from .results import jpeg_series
@@ -79,6 +81,8 @@ def evaluate_family(
             settings,
             ceiling=settings.ceiling and i == 0,
             jpeg=list(settings.jpeg) if i == 0 else [],
+            # each rung its own target, or the settings' targets once
+            references=settings.references if settings.reference_bpp is None or i == 0 else [],
             control=settings.control and i == len(models) - 1,
         )
         docs[rate] = evaluate(model, data, rung, backbones, out / rate, name, cache)
@@ -98,6 +102,10 @@ def evaluate_family(
         rows["autoencoder alone (ceiling)"] = first["autoencoder_ceiling"]
     for q in settings.jpeg:
         rows[f"JPEG quality {q} (Pillow)"] = first["references"][jpeg_series(q)]
+    for rate in rates:
+        for series, row in docs[rate].get("references", {}).items():
+            if "target_bpp" in row:
+                rows[codec_row_label(series, row, len(data))] = row
     control = top.get("references", {}).get(CONTROL)
     if control:  # (an image alone in its size has no donor: no control without a pair)
         rows[f"control: {rates[-1]} from shuffled z_l ({control['images']} images)"] = control
@@ -135,6 +143,11 @@ def evaluate_family(
         lines += [f"| {r} | " + " | ".join(str(t[c]) for c in cols) + " |"
                   for r, t in timing.items()]  # fmt: skip
     lines += ["", f"evaluation wall-clock {eval_s / 60:.1f} min; peak memory {peak:.2f} GB"]
+    bd = {}
+    if settings.bd_anchor:
+        bd = bd_rates(docs, rates, settings.bd_anchor, [c for c in columns if c.startswith(
+            ("lpips", "dists", "psnr", "ms_ssim"))])  # fmt: skip
+        lines += ["", *bd_lines(bd, settings.bd_anchor)]
     departures = sorted({d for doc in docs.values() for d in doc["departures_from_paper"]})
     if departures:
         lines += ["", "departures from the paper's protocol:", *(f"- {d}" for d in departures)]
@@ -149,6 +162,7 @@ def evaluate_family(
         "name": name,
         "rates": rates,
         "rows": rows,
+        **({"bd_rate": bd} if bd else {}),
         "timing": {r: {k: str(v) for k, v in t.items()} for r, t in timing.items()},
         "machine_load": loaded,
         "other_processes_cores_while_timing": others.cores,
@@ -174,3 +188,45 @@ def _grid(data, out: Path, docs: dict, rates: list[str], settings: EvalSettings,
         labels.append(f"control: {rates[-1]}\nwith shuffled z_l")
     ids = [it.id for it in data.items[: settings.grid_images]]
     return reconstruction_grid(data, folders, ids, height=160, columns=labels)
+
+
+def codec_row_label(series: str, row: dict, images: int) -> str:
+    """``AVIF ≤0.1250 bpp (20/24 images)``, or that the codec cannot reach the rate."""
+    name, target = series.split("@")
+    label = f"{codec_label(name)} ≤{target} bpp"
+    if not row["images"]:
+        return f"{label}: cannot reach (smallest {min(row['cannot_reach'].values()):.4f} bpp)"
+    return f"{label} ({row['images']}/{images} images)"
+
+
+def bd_rates(docs: dict, rates: list[str], anchor: str, metrics: list[str]) -> dict:
+    """BD-rate per metric of the rungs (first step count) against ``anchor``'s rate-matched
+    rows, counting only the targets every image reached (a partial row is biased)."""
+    points = {}
+    for rate in rates:
+        for series, row in docs[rate].get("references", {}).items():
+            if series.split("@")[0] == anchor and row["images"] and not row["cannot_reach"]:
+                points[series] = row
+    out = {}
+    for metric in metrics:
+        test = [(docs[r]["results"]["bpp_file"][0], docs[r]["results"].get(metric, [None])[0])
+                for r in rates]  # fmt: skip
+        base = [(row["bpp_file"], row.get(metric)) for row in points.values()]
+        out[metric] = bd_rate(base, test, metric)
+    return {"anchor": anchor, "anchor_points": len(points), "interpolation": INTERPOLATION,
+            "rate": "bpp_file", "metrics": out}  # fmt: skip
+
+
+def bd_lines(bd: dict, anchor: str) -> list[str]:
+    """The BD-rate section of ``summary.md``."""
+    lines = [f"BD-rate of the rungs against {codec_label(anchor)} (rate: bpp_file; "
+             f"{bd['anchor_points']} anchor point(s) that every image reached; "
+             f"{bd['interpolation']}):"]  # fmt: skip
+    for metric, r in bd["metrics"].items():
+        if "none" in r:
+            lines.append(f"- {metric}: not computed: {r['none']}")
+        else:
+            lines.append(f"- {metric}: {r['bd_rate_percent']:+.1f}% over {metric} "
+                         f"{r['overlap'][0]}..{r['overlap'][1]} "
+                         f"({100 * r['overlap_fraction']:.0f}% of the narrower range)")  # fmt: skip
+    return lines

@@ -1,16 +1,15 @@
 """Reference rows beside a model's: JPEG at a quality, and the shuffled-index control.
 
-The third reference, the autoencoder alone (the ceiling), decodes the evaluation's own
-latents and lives in the runner.
+Classic codecs rate-matched per image are in :mod:`perco.eval.codecs`; the third
+reference, the autoencoder alone (the ceiling), decodes the evaluation's own latents and
+lives in the runner.
 """
 
 from __future__ import annotations
 
-import io
-
 import torch
 
-from ..io import load_image, to_pil
+from .codecs import get_codec
 
 __all__ = ["jpeg", "shuffle_pairs", "CONTROL"]
 
@@ -19,9 +18,9 @@ CONTROL = "control"  # the series name of the shuffled-index control
 
 def jpeg(image: torch.Tensor, quality: int) -> tuple[torch.Tensor, int]:
     """``image`` (3, H, W) through Pillow's JPEG at ``quality``: (decoded, file bytes)."""
-    buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="JPEG", quality=quality)
-    return load_image(io.BytesIO(buffer.getvalue()))[0], len(buffer.getvalue())
+    codec = get_codec("jpeg")
+    data = codec.encode(image, quality)
+    return codec.decode(data), len(data)
 
 
 def shuffle_pairs(sizes: list[tuple[int, int]], seed: int = 0) -> list[tuple[int, int]]:

@@ -50,9 +50,32 @@ def jpeg_series(quality: int) -> str:
     return f"jpeg q={quality}"
 
 
-def reference_series(settings: EvalSettings) -> list[str]:
+def codec_series(codec: str, target_bpp: float) -> str:
+    return f"{codec}@{target_bpp:.4f}"
+
+
+def reference_targets(settings: EvalSettings, model: PerCo) -> list[float]:
+    """The bpps the classic codecs are rate-matched to: the settings' or the rung's own
+    (its index bpp, as its name says)."""
+    if settings.reference_bpp is not None:
+        return list(settings.reference_bpp)
+    return [round(model.rate.bpp(), 4)]
+
+
+def reference_series(settings: EvalSettings, model: PerCo) -> list[str]:
     """The reference rows a run records besides the ceiling, in table order."""
-    return [jpeg_series(q) for q in settings.jpeg] + ([CONTROL] if settings.control else [])
+    targets = reference_targets(settings, model)
+    codecs = [codec_series(c, t) for c in settings.references for t in targets]
+    control = [CONTROL] if settings.control else []
+    return [jpeg_series(q) for q in settings.jpeg] + codecs + control
+
+
+RATE_MATCHING = (
+    "per image, the highest quality whose file (container included) is at most the target "
+    "bpp, by binary search over the codec's qualities; an image whose lowest-quality file is "
+    "still larger cannot reach the target: it is listed with that smallest bpp and left out "
+    "of the row's means, never measured at a higher rate"
+)
 
 
 def _caption_source(settings: EvalSettings) -> str:
@@ -72,6 +95,14 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
     references = {}
     if settings.jpeg:
         references["jpeg_qualities"] = list(settings.jpeg)
+    if settings.references:
+        from .codecs import get_codec
+
+        references["reference_codecs"] = {
+            name: get_codec(name).describe() for name in settings.references
+        }
+        references["reference_targets_bpp"] = reference_targets(settings, model)
+        references["reference_rate_matching"] = RATE_MATCHING
     if settings.control:
         references["control"] = (
             "each image's file decoded with the indices of another image of its size "
@@ -173,7 +204,12 @@ def summarise(results: dict[str, ImageResult], settings: EvalSettings, series: s
     FID/KID compare the series' reconstructions with the originals of the images that
     have them (all of them, except for a control that leaves some images out)."""
     rows = [r for res in results.values() for r in res.rows if r["series"] == series]
+    unreached = [r for r in rows if r.get("cannot_reach")]
+    rows = [r for r in rows if not r.get("cannot_reach")]
     out = {"images": len({r["id"] for r in rows}), "reconstructions": len(rows)}
+    if unreached or any("target_bpp" in r for r in rows):  # a rate-matched classic codec
+        out["target_bpp"] = (unreached or rows)[0]["target_bpp"]
+        out["cannot_reach"] = {r["id"]: r["min_bpp"] for r in unreached}
     columns = [c for m in METRICS.values() for c in m.outputs]
     keys = ("bpp_file", "bpp_payload", "bpp_uniform", "index_bits", "bytes", "caption_bits")
     for key in (*keys, *columns, "diversity_lpips"):
@@ -246,7 +282,9 @@ def write_outputs(out: Path, data, settings: EvalSettings, proto: dict, name: st
             log.warning(w)
     if settings.ceiling:
         doc["autoencoder_ceiling"] = summarise(results, settings, CEILING)
-    references = [s for s in reference_series(settings) if any(r["series"] == s for r in rows)]
+    references = [
+        s for s in reference_series(settings, model) if any(r["series"] == s for r in rows)
+    ]
     if references:
         doc["references"] = {s: summarise(results, settings, s) for s in references}
     dims = next((f.shape[-1] for r in results.values() for f in r.features.values()), None)
@@ -260,14 +298,15 @@ def write_outputs(out: Path, data, settings: EvalSettings, proto: dict, name: st
 
     from ..plot import plot_results, reconstruction_grid
 
-    plot_results([doc], out / "plot.png", reference=data.name)
-    shown = series + ([CEILING] if settings.ceiling else []) + references
+    plot_results([doc], out / "plot.png")
+    drawn = [s for s in references if (out / "reconstructions" / s).is_dir()]
+    shown = series + ([CEILING] if settings.ceiling else []) + drawn
     labels = ["original"] + [
         f"{s}\n{summary.get('bpp_file', math.nan):.4f} bpp"
         for s, summary in zip(series, summaries, strict=True)
     ]
     labels += [f"{CEILING}\n(ceiling)"] if settings.ceiling else []
-    labels += [f"{s}\n(reference)" for s in references]
+    labels += [f"{s}\n(reference)" for s in drawn]
     folders = [out / "reconstructions" / s for s in shown]
     grid = reconstruction_grid(data, folders, ids[: settings.grid_images], columns=labels)
     if grid is not None:

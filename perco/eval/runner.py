@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
@@ -29,9 +30,18 @@ from ..metrics import hific_patches
 from ..metrics.miou import intersections_unions
 from ..models.perco import PerCo
 from .cache import ImageResult, check_protocol, is_done, write_result
+from .codecs import get_codec, rate_match
 from .metrics import Batch, compute, to_8bit
 from .references import CONTROL, jpeg, shuffle_pairs
-from .results import CEILING, jpeg_series, protocol, series_name, write_outputs
+from .results import (
+    CEILING,
+    codec_series,
+    jpeg_series,
+    protocol,
+    reference_targets,
+    series_name,
+    write_outputs,
+)
 from .settings import Backbones, EvalSettings
 
 __all__ = ["evaluate", "reconstruction_seed", "LatentCache"]
@@ -75,6 +85,8 @@ class _Evaluator:
 
             self.file_captions = read_captions(settings.captions)
         self.codecs = None if settings.caption_codec is None else [settings.caption_codec]
+        self.classic = [get_codec(name) for name in settings.references]
+        self.targets = reference_targets(settings, model)
         self.device = model.device
 
     def captions_for(self, items: list[dict], images: torch.Tensor) -> list[tuple]:
@@ -178,6 +190,9 @@ class _Evaluator:
                           for n in sizes]  # fmt: skip
             y = torch.stack(decoded_jpeg)
             self._record(jpeg_series(quality), 0, *record, jpeg_rates, [None] * len(items), y=y)
+        for classic in self.classic:
+            for target in self.targets:
+                self._rate_matched(classic, target, record)
         if self.s.control and parsed is not None:
             self._control(indices, parsed, record)
         for it in items:
@@ -200,11 +215,31 @@ class _Evaluator:
             self.model, swapped, batch_size=self.s.batch_size,
             **self._decode_options(self.s.steps[0]),
         )).cpu())  # fmt: skip
-        sub = (
-            [items[i] for i in mine], x[mine], [scored[i] for i in mine],
-            [labels[i] for i in mine], results,
-        )  # fmt: skip
-        self._record(CONTROL, 0, *sub, None, None, y=y)
+        self._record(CONTROL, 0, *_subset(record, mine), None, None, y=y)
+
+    def _rate_matched(self, classic, target: float, record) -> None:
+        """A classic codec's files rate-matched to ``target`` bpp: the images it reaches
+        are decoded and measured; the others get a row that says so, with the smallest bpp
+        the codec reaches for them."""
+        items, x, _, _, results = record
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            matches = list(pool.map(lambda image: rate_match(classic, image, target), x))
+        series = codec_series(classic.name, target)
+        reached = [i for i, m in enumerate(matches) if m.reached]
+        for i, m in enumerate(matches):
+            if not m.reached:
+                results[items[i]["id"]].rows.append({
+                    "id": items[i]["id"], "series": series, "sample": 0,
+                    "height": x.shape[-2], "width": x.shape[-1], "target_bpp": target,
+                    "cannot_reach": True, "min_bpp": m.bpp, "quality": m.quality,
+                })  # fmt: skip
+        if reached:
+            y = torch.stack([classic.decode(matches[i].data) for i in reached])
+            rates = [{"bytes": len(m.data), "bpp_file": m.bpp, "bpp_payload": m.bpp,
+                      "target_bpp": target, "quality": m.quality}
+                     for m in (matches[i] for i in reached)]  # fmt: skip
+            sub = _subset(record, reached)
+            self._record(series, 0, *sub, rates, [None] * len(reached), y=y)
 
     def _decode_options(self, steps) -> dict:
         return {
@@ -293,6 +328,13 @@ class _Evaluator:
             for row in results[it["id"]].rows:
                 if row["series"] == series:
                     row["diversity_lpips"] = float(total[i])
+
+
+def _subset(record: tuple, keep: list[int]) -> tuple:
+    """A batch's ``(items, x, scored, labels, results)`` for the images at ``keep``."""
+    items, x, scored, labels, results = record
+    return ([items[i] for i in keep], x[keep], [scored[i] for i in keep],
+            [labels[i] for i in keep], results)  # fmt: skip
 
 
 def evaluate(

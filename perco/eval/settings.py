@@ -27,6 +27,9 @@ class EvalSettings:
     ceiling: bool = True  # reference: the autoencoder alone
     jpeg: list[int] = field(default_factory=list)  # reference: JPEG (Pillow) at these qualities
     control: bool = False  # reference: each image decoded from another image's indices
+    references: list[str] = field(default_factory=list)  # classic codecs, rate-matched
+    reference_bpp: list[float] | None = None  # their targets; None: the rung's own bpp
+    bd_anchor: str | None = None  # BD-rates of the rungs against this reference codec
     batch_size: int = 4
     fid_variant: str = "whole"  # whole | patches
     patch_size: int = 256
