@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,7 +37,7 @@ DEFAULT_METRICS = ("lpips", "ms_ssim", "psnr", "fid")
 
 def published_label(ref: dict) -> str:
     """A published curve's legend entry: it is another model, measured elsewhere."""
-    return f"{ref['name']} [published, {ref.get('dataset', 'unknown set')}]"
+    return f"{ref['name']} [published, another model; {ref.get('dataset', 'unknown set')}]"
 
 
 def curves(
@@ -127,15 +128,24 @@ def plot_results(
         ax.set_xlabel(x.replace("_", " "))
         ax.set_title(_title(metric, docs))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    entries = {}  # every curve once, whichever panels it is in
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    axes[0][-1].legend(entries.values(), entries.keys(), fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0))  # fmt: skip
     notes = [f"{ref['name']}: {ref['sources'][0]['paper']}, {ref['sources'][0]['where']}"
              + (" (read off a figure)" if ref["sources"][0].get("read_from_figure") else "")
-             for ref in references if ref.get("sources")]  # fmt: skip
-    fig.tight_layout(rect=(0, 0.04 * len(notes), 1, 1))
-    for i, note in enumerate(notes):
-        fig.text(0.01, 0.04 * (len(notes) - i - 1) + 0.005, note, fontsize=6, color="0.3")
+             for ref in references
+             if ref.get("sources") and any(m in ref["results"] for m in shown)]  # fmt: skip
+    fig.tight_layout()
+    if notes:
+        fig.text(0.01, -0.01, "\n".join(textwrap.shorten(n, 160) for n in notes),
+                 fontsize=6, color="0.3", va="top")  # fmt: skip
     suffix = Path(path).suffix.lstrip(".") or "png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120))
+    atomic_write(
+        path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120, bbox_inches="tight")
+    )
     plt.close(fig)
 
 

@@ -121,12 +121,13 @@ def test_perco_plot_draws_references_and_prints_bd_rates(tmp_path, capsys):
     anchor.write_text(json.dumps({"name": "anchor", "results": {
         "bpp": [0.04, 0.12], "lpips": [0.5, 0.3]}}))  # fmt: skip
     out = tmp_path / "rd.png"
+    label = "anchor [published, another model; unknown set]"
     args = [str(run), "-o", str(out), "--metrics", "lpips", "--reference", "perco-sd-kodak",
-            "--reference", str(anchor), "--bd-anchor", "anchor [published, unknown set]"]
+            "--reference", str(anchor), "--bd-anchor", label]
     assert plot_main(args) == 0 and out.read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
     assert "| mine (5 steps) | -50.0% |" in table  # half the rate at every LPIPS
-    assert "| PerCo (SD) [published, kodak] | - (" in table  # one point: no curve
+    assert "| PerCo (SD) [published, another model; kodak] | - (" in table  # one point: no curve
 
 
 def test_bd_rate_is_zero_against_itself_and_never_extrapolates():

@@ -156,7 +156,8 @@ def evaluate_family(
     if grid is not None:
         save_image(grid, out / "grid.png")
         lines.append(f"\ngrid: {out / 'grid.png'} (rows: images; columns: original, "
-                     f"{', '.join(rates)}{', control' if control else ''})")  # fmt: skip
+                     f"{', '.join(rates)}, the codecs at {rates[-1]}"
+                     f"{', control' if control else ''})")  # fmt: skip
     text = "\n".join(lines) + "\n"
     summary = {
         "name": name,
@@ -178,11 +179,17 @@ def evaluate_family(
 
 
 def _grid(data, out: Path, docs: dict, rates: list[str], settings: EvalSettings, steps):
-    """Original, each rung (with its bpp) and the control, for the first images."""
+    """Original, each rung (with its bpp), the classic codecs at the top rung's rate (blank
+    where one cannot reach it) and the control, for the first images."""
     from ..plot import reconstruction_grid
 
     folders = [out / rate / "reconstructions" / f"steps={steps}" for rate in rates]
     labels = ["original"] + [f"{rate}\n{docs[rate]['results']['bpp'][0]:.4f} bpp" for rate in rates]
+    for series, row in docs[rates[-1]].get("references", {}).items():  # codecs at the top
+        if "target_bpp" in row and (out / rates[-1] / "reconstructions" / series).is_dir():
+            name, target = series.split("@")
+            folders.append(out / rates[-1] / "reconstructions" / series)
+            labels.append(f"{codec_label(name)} <= {target}\n{row['bpp_file']:.4f} bpp")
     if (out / rates[-1] / "reconstructions" / CONTROL).is_dir():
         folders.append(out / rates[-1] / "reconstructions" / CONTROL)
         labels.append(f"control: {rates[-1]}\nwith shuffled z_l")
