@@ -9,6 +9,10 @@ Nothing here is a trained model. Following diffusers' ``get_dummy_components`` h
   the file open_clip ships, so tokenization is the real one), SD 2.1's scheduler settings
   with v-prediction. Attention runs only at the U-Net's lowest resolution, keeping CPU
   runs fast. ``perco demo`` and ``--model tiny`` use them to try the codec offline.
+- Stable Diffusion 2.1 at its real size with random weights (:func:`sd21_components`,
+  :func:`save_sd21`), built from its published configs shipped in ``perco/models/sd21/``:
+  the architecture that the meta-device counts, the full-size tests and the benchmarks
+  run, never downloaded.
 - Random BLIP-2 and open_clip models (:func:`tiny_blip2`, :func:`save_tiny_open_clip`)
   saved like hub checkpoints, so the real loaders read them.
 """
@@ -16,6 +20,7 @@ Nothing here is a trained model. Following diffusers' ``get_dummy_components`` h
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -33,6 +38,10 @@ __all__ = [
     "tiny_components",
     "tiny_perco",
     "save_tiny_stable_diffusion",
+    "SD21_CONFIGS",
+    "sd21_config",
+    "sd21_components",
+    "save_sd21",
     "tiny_blip2",
     "save_tiny_open_clip",
 ]
@@ -147,6 +156,44 @@ def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> Path:
     """
     path = Path(path)
     c = tiny_components(seed)
+    c["vae"].save_pretrained(path / "vae")
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        c[name].save_pretrained(path / name)
+    return path
+
+
+SD21_CONFIGS = Path(__file__).parent / "models" / "sd21"
+
+
+def sd21_config(name: str) -> dict:
+    """SD 2.1's published config of ``unet``, ``vae`` or ``text_encoder``."""
+    config = json.loads((SD21_CONFIGS / f"{name}.json").read_text())
+    return {k: v for k, v in config.items() if k not in ("_source", "architectures")}
+
+
+def sd21_components(seed: int = 0) -> dict:
+    """Stable Diffusion 2.1's components at their real size (865M-parameter U-Net, OpenCLIP
+    ViT-H text encoder, 8× VAE) with random weights, on the current default device (build
+    them under ``torch.device("meta")`` to count, or ``"cuda"`` to skip a CPU copy). Keys
+    as :func:`tiny_components`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return {
+        "vae": SDAutoencoder(AutoencoderKL.from_config(sd21_config("vae"))),
+        "unet": UNet2DConditionModel.from_config(sd21_config("unet")),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**sd21_config("text_encoder"))),
+        "tokenizer": clip_tokenizer(),
+        "scheduler": DDIMScheduler(**SD21_SCHEDULER),
+    }
+
+
+def save_sd21(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write :func:`sd21_components` as a diffusers folder with the layout of
+    ``stabilityai/stable-diffusion-2-1`` (about 5.2 GB in float32), which
+    :meth:`PerCo.from_stable_diffusion` loads through its real loading path."""
+    path = Path(path)
+    c = sd21_components(seed)
     c["vae"].save_pretrained(path / "vae")
     for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
         c[name].save_pretrained(path / name)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from perco.models.perco import PerCo
-
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 def build(kind: str, rate: str, device: torch.device, pretrained: str | None = None) -> PerCo:
@@ -24,21 +20,13 @@ def build(kind: str, rate: str, device: torch.device, pretrained: str | None = N
         from perco.testing import tiny_perco
 
         return tiny_perco(rate).to(device)
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from perco.models import SDAutoencoder
-    from perco.testing import SD21_SCHEDULER, clip_tokenizer
-
-    def config(name: str) -> dict:
-        return json.loads((FIXTURES / f"sd21_{name}_config.json").read_text())
+    from perco.testing import sd21_components
 
     with torch.device(device):
-        vae = SDAutoencoder(AutoencoderKL.from_config(config("vae")))
-        unet = UNet2DConditionModel.from_config(config("unet"))
-        text = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
-        scheduler = DDIMScheduler(**SD21_SCHEDULER)
-        return PerCo.from_components(vae, unet, text, clip_tokenizer(), scheduler, rate)
+        c = sd21_components()
+        return PerCo.from_components(
+            c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"], rate
+        )
 
 
 def sync(device: torch.device) -> None:

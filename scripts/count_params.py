@@ -2,7 +2,7 @@
 the trainable share of a PerCo on SD 2.1 in each finetuning mode.
 
 Everything is built on the meta device (no weights, no download) from SD 2.1's published
-configs (tests/fixtures/sd21_*_config.json).
+configs (perco/models/sd21/*.json, through perco.testing.sd21_components).
 
     python scripts/count_params.py [--latent-channels 4]
 """
@@ -10,17 +10,13 @@ configs (tests/fixtures/sd21_*_config.json).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from perco.models import HyperEncoder, VectorQuantizer, linear_parameter_share, widen_conv_in
 from perco.rates import RATES
-
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
-SD21_UNET = FIXTURES / "sd21_unet_config.json"
+from perco.testing import sd21_config
 
 
 def count(module: torch.nn.Module) -> int:
@@ -47,7 +43,7 @@ def main(argv=None) -> None:
                 f"| {n:,} | {n + projections:,} |"
             )
 
-        unet = UNet2DConditionModel.from_config(json.loads(SD21_UNET.read_text()))
+        unet = UNet2DConditionModel.from_config(sd21_config("unet"))
         linear, total = linear_parameter_share(unet)
         widen_conv_in(unet, 320)
         added = count(unet) - total
@@ -63,42 +59,48 @@ def main(argv=None) -> None:
     trainable_shares()
 
 
-def trainable_shares(rate: str = "r0.0019") -> None:
-    """PerCo on SD 2.1 (VAE, ViT-H text encoder, U-Net) at ``rate``, per trainable mode."""
+def meta_perco(rate: str = "r0.0019"):
+    """PerCo on SD 2.1 (VAE, ViT-H text encoder, U-Net widened for z_l) at ``rate``, on
+    the meta device: the parameter counts without the weights."""
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from perco import PerCo, PerCoConfig
     from perco.models import NullTextEmbedding, SDAutoencoder
     from perco.testing import SD21_SCHEDULER, clip_tokenizer
-    from perco.train import trainable_report
-
-    def config(name):
-        return json.loads((FIXTURES / f"sd21_{name}_config.json").read_text())
 
     cfg = PerCoConfig(rate=rate)
     with torch.device("meta"):
-        unet = widen_conv_in(UNet2DConditionModel.from_config(config("unet")), 320)
-        text = config("text_encoder")
-        text.pop("_source"), text.pop("architectures")
-        model = PerCo(
-            autoencoder=SDAutoencoder(AutoencoderKL.from_config(config("vae"))),
+        return PerCo(
+            autoencoder=SDAutoencoder(AutoencoderKL.from_config(sd21_config("vae"))),
             hyper_encoder=HyperEncoder(downsample=cfg.rate.downsample),
             quantizer=VectorQuantizer(codebook_size=cfg.rate.codebook_size),
-            unet=unet,
-            text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+            unet=widen_conv_in(UNet2DConditionModel.from_config(sd21_config("unet")), 320),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**sd21_config("text_encoder"))),
             tokenizer=clip_tokenizer(),
             null_text=NullTextEmbedding(77, 1024),
             scheduler=DDIMScheduler(**SD21_SCHEDULER),
             config=cfg,
         )
+
+
+def trainable_counts(rate: str = "r0.0019", modes=("linear", "full", "none", "lora")) -> dict:
+    """``{mode: trainable_report}`` of :func:`meta_perco` (``lora`` last: its adapters stay)."""
+    from perco.train import trainable_report
+
+    model, out = meta_perco(rate), {}
+    for mode in modes:
+        with torch.device("meta"):
+            model.set_trainable(mode)  # lora: rank-16 adapters on the attention projections
+        out[mode] = trainable_report(model)
+    return out
+
+
+def trainable_shares(rate: str = "r0.0019") -> None:
     print(f"PerCo on SD 2.1 at {rate}: trainable parameters per mode")
     print("| mode | trainable | of all | share | U-Net share trained |")
     print("|---|---|---|---|---|")
-    for mode in ("linear", "full", "none", "lora"):  # lora last: its adapters stay
-        with torch.device("meta"):
-            model.set_trainable(mode)  # lora: rank-16 adapters on the attention projections
-        r = trainable_report(model)
+    for mode, r in trainable_counts(rate).items():
         print(
             f"| {mode} | {r['trainable_params']:,} | {r['total_params']:,} "
             f"| {r['trainable_share']:.1%} | {r['unet_trainable_share']:.1%} |"

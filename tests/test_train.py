@@ -609,3 +609,20 @@ def test_a_one_step_student_trains_its_unet_only_and_decodes_the_teachers_files(
     finally:
         handle.remove()
     assert calls == [1] and decoded.shape == (3, 64, 64)
+
+
+def test_the_8bit_optimizer_is_a_clear_error_without_cuda_and_a_bad_name_too():
+    from omegaconf import OmegaConf
+
+    from perco.train.loop import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    tc = OmegaConf.create({"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0})
+    assert isinstance(make_optimizer(params, tc, torch.device("cpu")), torch.optim.AdamW)
+    tc.optimizer = "adamw8bit"
+    with pytest.raises(ValueError, match="adamw8bit needs a CUDA device"):
+        make_optimizer(params, tc, torch.device("cpu"))
+    tc.optimizer = "sgd"
+    with pytest.raises(ValueError, match="must be adamw or adamw8bit"):
+        make_optimizer(params, tc, torch.device("cpu"))
+

@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pytest
@@ -6,9 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from perco.models.unet_adapter import linear_parameter_share, widen_conv_in
-from perco.testing import tiny_components
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from perco.testing import sd21_config, tiny_components
 
 
 @pytest.fixture
@@ -62,7 +59,7 @@ def test_rejects_bad_arguments(unet):
 @pytest.mark.slow
 def test_stable_diffusion_21_unet_on_meta():
     """SD 2.1's published U-Net config, widened for z_l; counted on the meta device."""
-    config = json.loads((FIXTURES / "sd21_unet_config.json").read_text())
+    config = sd21_config("unet")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     before = sum(p.numel() for p in unet.parameters())

@@ -10,7 +10,9 @@ from pathlib import Path
 from ..models.loading import TINY
 from ..rates import RATES
 
-__all__ = ["add_model_arguments", "collect", "output_path", "Report", "progress"]
+__all__ = [
+    "add_model_arguments", "model_from_arguments", "collect", "output_path", "Report", "progress",
+]  # fmt: skip
 
 
 def add_model_arguments(parser) -> None:
@@ -22,8 +24,21 @@ def add_model_arguments(parser) -> None:
         "default)",
     )
     parser.add_argument("--rate", choices=list(RATES), help="rung (checked against the model)")
+    parser.add_argument(
+        "--device", help="where the model runs, e.g. cuda:1 (default: cuda if there is one)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def model_from_arguments(args):
+    """The model ``--model``/``--rate`` name, on ``--device``."""
+    import torch
+
+    from ..models.loading import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(args.model, args.rate).to(torch.device(device))
 
 
 def collect(inputs: list[Path], suffixes: tuple[str, ...]) -> list[Path]:

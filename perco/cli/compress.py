@@ -20,10 +20,16 @@ from .. import bitstream, codec
 from ..captioning import text_codec
 from ..captioning.captioners import load_captioner
 from ..io import IMAGE_SUFFIXES, read_captions, read_image, save_image, to_pil, write_bytes
-from ..models.loading import load_model
 from ..sampling import GUIDANCE_MODES
 from ..timing import StageTimer
-from ._common import Report, add_model_arguments, collect, output_path, progress
+from ._common import (
+    Report,
+    add_model_arguments,
+    collect,
+    model_from_arguments,
+    output_path,
+    progress,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     captions = read_captions(args.captions_file) if args.captions_file else {}
-    model = load_model(args.model, args.rate)
+    model = model_from_arguments(args)
     if not model.config.text and (args.caption or captions or args.captioner):
         raise ValueError(
             "this model has no text conditioning (trained without captions): --caption, "
@@ -169,7 +175,7 @@ def verify(model, path: Path, original: torch.Tensor, args, timer: StageTimer) -
     (decoded,) = codec.decompress(
         model, [parsed], steps=args.steps, guidance=args.guidance, timer=timer
     )
-    mse = torch.mean((decoded - original[0]) ** 2).item()
+    mse = torch.mean((decoded.cpu() - original[0]) ** 2).item()
     psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
     if args.save_verify:
         save_image(decoded, path.with_suffix(".verify.png"))

@@ -20,11 +20,17 @@ from pathlib import Path
 from .. import codec
 from ..bitstream import BitstreamError, end_checked, read_header
 from ..io import save_image
-from ..models.loading import load_model
 from ..models.perco import Capability
 from ..sampling import GUIDANCE_MODES
 from ..timing import StageTimer
-from ._common import Report, add_model_arguments, collect, output_path, progress
+from ._common import (
+    Report,
+    add_model_arguments,
+    collect,
+    model_from_arguments,
+    output_path,
+    progress,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the rung's: 20 below 0.05 bpp, 5 above)",
     )
     parser.add_argument("--guidance", choices=GUIDANCE_MODES, help="CFG mode (default: model's)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the U-Net first (pays off over many files of one size, on a GPU)",
+    )
     parser.add_argument("--guidance-scale", type=float, help="CFG scale (default: model's)")
     parser.add_argument(
         "--timestep-spacing",
@@ -52,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.rate)
+    model = model_from_arguments(args)
+    if args.compile:  # in place: the module, its weights and the fingerprint stay the same
+        model.unet.compile()
     if args.coarse and not model.capabilities & Capability.COARSE:
         raise ValueError(f"--coarse needs an SPRDiff-style model; this one is {model.variant}")
     report, timer = Report(), StageTimer()

@@ -120,6 +120,26 @@ def trainable_report(model: PerCo) -> dict:
     }
 
 
+def make_optimizer(params, tc: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """``trainer.optimizer``: ``adamw`` (torch), or ``adamw8bit`` (bitsandbytes' 8-bit
+    AdamW, CUDA only: its two states take 2 bytes a parameter instead of 8, about 5 GB less
+    for SD 2.1's full U-Net)."""
+    kind = tc.get("optimizer", "adamw")
+    options = {"lr": tc.lr, "betas": tuple(tc.betas), "weight_decay": tc.weight_decay}
+    if kind == "adamw":
+        return torch.optim.AdamW(params, **options)
+    if kind != "adamw8bit":
+        raise ValueError(f"trainer.optimizer must be adamw or adamw8bit, got {kind!r}")
+    if device.type != "cuda":
+        raise ValueError(f"trainer.optimizer=adamw8bit needs a CUDA device, not {device}")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ValueError("trainer.optimizer=adamw8bit needs bitsandbytes: "
+                         "pip install 'perco[gpu]'") from None  # fmt: skip
+    return bitsandbytes.optim.AdamW8bit(params, **options)
+
+
 def initial_model(cfg: DictConfig) -> PerCo:
     """The model a run starts from: ``cfg.model`` built fresh, or with ``init=<folder>``
     a saved or imported model (a model folder, or a run or sweep folder at ``cfg.rate``)
@@ -220,9 +240,7 @@ def train(cfg: DictConfig) -> dict:
         drop_last=True,
         generator=torch.Generator().manual_seed(tc.seed),  # keeps the global RNG untouched
     )
-    optimizer = torch.optim.AdamW(
-        params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
-    )
+    optimizer = make_optimizer(params, tc, accelerator.device)
     lr_scheduler = get_scheduler(
         tc.lr_schedule,
         optimizer,
