@@ -41,6 +41,7 @@ __all__ = [
     "sample",
     "one_step",
     "one_step_x0",
+    "guided_x0",
 ]
 
 GuidanceMode = Literal["none", "text", "text+spatial"]
@@ -159,24 +160,49 @@ def sample(
     )
     latents = latents * scheduler.init_noise_sigma
 
-    spatial = spatial.to(dtype)
-    if guidance == "none":
-        cond_spatial, context = spatial, text.to(dtype)
-    else:
-        uncond_spatial = torch.zeros_like(spatial) if guidance == "text+spatial" else spatial
-        cond_spatial = torch.cat([uncond_spatial, spatial])
-        context = torch.cat([null_text, text]).to(dtype)
-    branches = 1 if guidance == "none" else 2
+    branches = _Branches(spatial, text, null_text, guidance, guidance_scale, dtype)
     step_kwargs = {"generator": generator} if _accepts(scheduler.step, "generator") else {}
-
     for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(latents, t).repeat(branches, 1, 1, 1)
-        pred = unet(torch.cat([model_in, cond_spatial], dim=1), t, context).sample
-        if branches == 2:
-            uncond, cond = pred.chunk(2)
-            pred = uncond + guidance_scale * (cond - uncond)
+        pred = branches.predict(unet, scheduler.scale_model_input(latents, t), t)
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return latents
+
+
+class _Branches:
+    """The conditional and (with guidance) unconditional inputs of one batched U-Net call,
+    and the guided prediction ``uncond + λ (cond − uncond)`` (eq. 5)."""
+
+    def __init__(self, spatial, text, null_text, guidance, scale, dtype):
+        spatial = spatial.to(dtype)
+        self.scale, self.n = scale, 1 if guidance == "none" else 2
+        if guidance == "none":
+            self.spatial, self.context = spatial, text.to(dtype)
+        else:
+            uncond = torch.zeros_like(spatial) if guidance == "text+spatial" else spatial
+            self.spatial = torch.cat([uncond, spatial])
+            self.context = torch.cat([null_text, text]).to(dtype)
+
+    def predict(self, unet, latents: torch.Tensor, t) -> torch.Tensor:
+        model_in = latents.to(self.spatial.dtype).repeat(self.n, 1, 1, 1)
+        pred = unet(torch.cat([model_in, self.spatial], dim=1), t, self.context).sample
+        if self.n == 1:
+            return pred
+        uncond, cond = pred.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
+def guided_x0(
+    unet, scheduler, noisy, timesteps, spatial, text, null_text, guidance, guidance_scale
+) -> torch.Tensor:
+    """The clean latent (float32) that a model's guided prediction at ``noisy`` and
+    ``timesteps`` implies: what its sampler steps towards there. A one-step student's
+    distribution-matching loss asks it of the frozen teacher (the real score) and of the
+    trained critic (the fake one)."""
+    from .losses import predicted_x0
+
+    branches = _Branches(spatial, text, null_text, guidance, guidance_scale, noisy.dtype)
+    t = timesteps.repeat(branches.n)
+    return predicted_x0(scheduler, noisy, branches.predict(unet, noisy, t), timesteps)
 
 
 def _accepts(fn, name: str) -> bool:

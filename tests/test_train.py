@@ -626,3 +626,60 @@ def test_the_8bit_optimizer_is_a_clear_error_without_cuda_and_a_bad_name_too():
     with pytest.raises(ValueError, match="must be adamw or adamw8bit"):
         make_optimizer(params, tc, torch.device("cpu"))
 
+
+def test_the_dmd_term_has_the_gradient_of_the_score_difference():
+    """Its gradient with respect to x0 is (fake − real) / mean|x0 − real| per sample, over
+    x0.numel(): written out here by hand."""
+    from perco.train.objectives import dmd_loss
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
+    real, fake = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    dmd_loss(x0, real, fake).backward()
+    normaliser = torch.stack([(x0[i] - real[i]).abs().mean() for i in range(2)])
+    expected = (fake - real) / normaliser.view(2, 1, 1, 1) / x0.numel()
+    assert torch.allclose(x0.grad, expected, atol=1e-7)
+    x0.grad = None
+    dmd_loss(x0, real, real).backward()  # the student's samples already where the teacher's are
+    assert torch.count_nonzero(x0.grad) == 0
+
+
+def test_a_dmd_student_trains_its_critic_beside_it_and_resumes_exactly(
+    photo_folder, tmp_path, assets
+):
+    """Stage 2 from a stage-1 student (init=) and its teacher: the critic has its own
+    optimizer, is saved in every checkpoint, and a resumed run ends where an uninterrupted
+    one does, student and critic alike; a wrong teacher is refused."""
+    from safetensors.torch import load_file
+
+    teacher = tiny_perco("r0.0059").eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    from perco.models.student import one_step_student
+
+    one_step_student(teacher).save_pretrained(tmp_path / "student")
+    backbone = assets / "lpips" / "vgg16_features.safetensors"
+    stage2 = ["objective=student", f"init={tmp_path / 'student'}",
+              f"objective.teacher={tmp_path / 'teacher'}", "objective.dmd_weight=1.0",
+              f"objective.lpips_backbone={backbone}", "trainer.sample_steps=null",
+              "trainer.checkpoint_every=2", "trainer.checkpoint_total_limit=5"]  # fmt: skip
+
+    def run(out, *extra):
+        return train(compose_train(*tiny_overrides(photo_folder, out, *stage2, *extra)))
+
+    summary = run(tmp_path / "a", "trainer.max_steps=4")
+    assert summary["steps"] == 4
+    run(tmp_path / "b", "trainer.max_steps=2")
+    run(tmp_path / "b", "trainer.max_steps=4", "trainer.resume=latest")
+    a, b = (tmp_path / x / "tiny" / "r0.0059" for x in "ab")
+    ours, theirs = (PerCo.from_pretrained(d / "model").unet.state_dict() for d in (a, b))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    critics = [load_file(sorted((d / "checkpoints").glob("*"))[-1] / "model.safetensors")
+               for d in (a, b)]  # fmt: skip
+    assert critics[0].keys() == critics[1].keys() and len(critics[0]) > 10
+    assert all(torch.equal(critics[0][k], critics[1][k]) for k in critics[0])
+    start = teacher.unet.state_dict()  # the critic moved away from the teacher's U-Net
+    assert any(not torch.equal(critics[0][k], start[k]) for k in critics[0] if k in start)
+
+    tiny_perco("r0.0059", seed=1).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="is not this student's teacher"):
+        run(tmp_path / "c", "trainer.max_steps=1", f"objective.teacher={tmp_path / 'other'}")

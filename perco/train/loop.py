@@ -268,12 +268,12 @@ def train(cfg: DictConfig) -> dict:
             if ema is not None:
                 shadow = {str(i): p for i, p in enumerate(ema.shadow_params)}
                 save(shadow, folder / "ema.safetensors")
-        if weights:
-            weights.pop()  # saved above as a PerCo folder
+        if weights:  # the model's (prepared first) is saved above as a PerCo folder;
+            weights.pop(0)  # an objective's own modules (a critic) stay for accelerate
 
     def load_hook(models, input_dir):
         folder = Path(input_dir)
-        models.pop()  # the prepared module: the PerCo, or its U-Net
+        models.pop(0)  # the prepared module (the PerCo, or its U-Net), read from perco/
         target = model
         loaded = PerCo.from_pretrained(folder / "perco").state_dict()
         own = target.state_dict()
@@ -302,6 +302,7 @@ def train(cfg: DictConfig) -> dict:
                 f"the dataset has {len(dataset)} samples: fewer than one batch of "
                 f"{tc.batch_size} per process; lower trainer.batch_size"
             )
+    objective.prepare(accelerator)  # its own modules after the model: checkpoints hold them
     unwrapped: PerCo = model
     grid = None
     if tc.get("timestep_grid"):

@@ -10,21 +10,29 @@ parameters (:meth:`Objective.trainable`), and the loss of a batch with the scala
   LPIPS term on the decoded x0 estimate, Min-SNR-γ);
 * :class:`StudentObjective` — a one-step student of the starting model (``init=``): the
   teacher's encoder frozen, one U-Net call from noise at a fixed timestep, a regression
-  loss in the decoder's pixel space (L1 + LPIPS-VGG through the frozen autoencoder).
+  loss in the decoder's pixel space (L1 + LPIPS-VGG through the frozen autoencoder), and
+  with ``dmd_weight`` a distribution-matching term against the frozen multi-step teacher
+  (:func:`dmd_loss`), whose critic trains beside it with its own optimizer.
+
+An objective that trains modules of its own (a critic) puts them and their optimizers
+through ``accelerator.prepare`` in :meth:`Objective.prepare`: they are then DDP-wrapped
+and saved and restored with every checkpoint, as the model is.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..losses import load_lpips, x0_lpips
 from ..models.perco import PerCo
-from ..sampling import one_step_x0
+from ..sampling import guided_x0, one_step_x0
 
-__all__ = ["Objective", "PerCoObjective", "StudentObjective", "regression_loss"]
+__all__ = ["Objective", "PerCoObjective", "StudentObjective", "regression_loss", "dmd_loss"]
 
 Terms = dict[str, torch.Tensor]
 
@@ -42,6 +50,9 @@ class Objective:
 
     def setup(self, trainer, device: torch.device) -> None:
         """Load what the loss needs (e.g. a perceptual network) once the run starts."""
+
+    def prepare(self, accelerator) -> None:
+        """Prepare the objective's own trained modules and optimizers, after the model's."""
 
     def __call__(
         self, trained: nn.Module, model: PerCo, batch: dict, generator, timesteps
@@ -111,6 +122,20 @@ def regression_loss(
     return loss, terms
 
 
+def dmd_loss(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """Distribution matching (Yin et al. 2024, DMD; CoD-Lite's stage 2), as a loss whose
+    gradient with respect to the student's clean latent ``x0`` is the difference of the
+    two scores at a noised copy of it: ``(fake_x0 − real_x0) / (mean |x0 − real_x0|)``
+    per sample, over ``x0.numel()``. ``real_x0``: the frozen teacher's guided estimate of
+    the clean latent (its distribution), ``fake_x0``: the critic's, trained on the
+    student's outputs (the student's distribution). The step moves ``x0`` towards where
+    the teacher would denoise it and away from where the student's own samples go."""
+    with torch.no_grad():
+        normaliser = (x0 - real_x0).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+        target = x0 - (fake_x0 - real_x0) / normaliser
+    return 0.5 * F.mse_loss(x0.float(), target.float(), reduction="sum") / x0.numel()
+
+
 class StudentObjective(Objective):
     """Stage 1 of a one-step student (:mod:`perco.models.student`): from the noise ``x_T``
     at ``timestep``, one U-Net call on the frozen encoder's conditions (the conditional
@@ -131,16 +156,40 @@ class StudentObjective(Objective):
         lpips_weight: float = 1.0,
         lpips_net: str = "vgg",
         lpips_backbone: str | os.PathLike | None = None,
+        dmd_weight: float = 0.0,
+        teacher: str | os.PathLike | None = None,
+        critic_lr: float | None = None,
+        dmd_timesteps: tuple[int, int] = (20, 980),
     ):
         self.timestep, self.l1_weight, self.lpips_weight = timestep, l1_weight, lpips_weight
         self.lpips_net, self.lpips_backbone, self.lpips = lpips_net, lpips_backbone, None
+        self.dmd_weight, self.teacher_path, self.critic_lr = dmd_weight, teacher, critic_lr
+        self.dmd_timesteps = tuple(dmd_timesteps)
+        self.teacher = self.critic = self.critic_optimizer = self.accelerator = None
 
     def model(self, model: PerCo) -> PerCo:
         from ..models.student import one_step_student
 
-        if model.config.sampler == "one-step":  # a student already: train it further
-            return model.eval()
+        student = model if model.config.sampler == "one-step" else None
+        if self.dmd_weight:  # the frozen teacher: the starting model, or objective.teacher
+            self.teacher = model if student is None else self._load_teacher(student)
+            self.teacher.requires_grad_(False).eval()
+        if student is not None:  # a student already: train it further
+            return student.eval()
         return one_step_student(model, self.timestep).eval()
+
+    def _load_teacher(self, student: PerCo) -> PerCo:
+        from ..codec import file_fingerprint
+        from ..models.loading import load_model
+
+        if self.teacher_path is None:
+            raise ValueError("init= is a one-step student: the distribution-matching term "
+                             "needs its teacher, objective.teacher=<its folder>")  # fmt: skip
+        teacher = load_model(str(self.teacher_path), student.rate.name)
+        if file_fingerprint(teacher).hex() != student.config.file_fingerprint:
+            raise ValueError(f"objective.teacher={self.teacher_path} is not this student's "
+                             "teacher: their files differ")  # fmt: skip
+        return teacher
 
     def trainable(self, model: PerCo, mode: str, **options) -> tuple[nn.Module, list]:
         from ..models.student import freeze_encoder
@@ -154,6 +203,24 @@ class StudentObjective(Objective):
     def setup(self, trainer, device: torch.device) -> None:
         if self.lpips_weight:
             self.lpips = load_lpips(self.lpips_net, self.lpips_backbone).to(device)
+        if self.dmd_weight:
+            if trainer.grad_accum != 1:
+                raise ValueError("the distribution-matching term steps its critic every "
+                                 "batch: trainer.grad_accum must be 1")  # fmt: skip
+            self.teacher.to(device)
+            # the critic: a score model of the student's outputs, from the teacher's U-Net
+            self.critic = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
+            self.critic_optimizer = torch.optim.AdamW(
+                self.critic.parameters(), lr=self.critic_lr or trainer.lr,
+                betas=tuple(trainer.betas), weight_decay=trainer.weight_decay,
+            )  # fmt: skip
+
+    def prepare(self, accelerator) -> None:
+        if self.critic is not None:
+            self.accelerator = accelerator
+            self.critic, self.critic_optimizer = accelerator.prepare(
+                self.critic, self.critic_optimizer
+            )
 
     def __call__(self, trained, model, batch, generator, timesteps):
         images = batch.get("images")
@@ -169,11 +236,48 @@ class StudentObjective(Objective):
                 target = model.autoencoder.decode(latents).float().clamp(-1, 1)
             codes = model._quantize(latents, padded).codes
             local = model._local(codes, latents.shape[-2:])
-            text, _ = model._context(batch["captions"], model._global(images)[0])
-            text = model._append(text, local.tokens)
+            text, null = model._context(batch["captions"], model._global(images)[0])
+            text, null = model._append(text, local.tokens), model._append(null, local.tokens)
         sched = model.scheduler
         noise = torch.randn(latents.shape, generator=generator)
         noise = noise.to(latents.device, model.unet.dtype) * sched.init_noise_sigma
         x0 = one_step_x0(trained, sched, noise, local.spatial, text, model.config.one_step_timestep)
         decoded = model.autoencoder.decode(x0).float()
-        return regression_loss(decoded, target, self.lpips, self.l1_weight, self.lpips_weight)
+        loss, terms = regression_loss(decoded, target, self.lpips, self.l1_weight,
+                                      self.lpips_weight)  # fmt: skip
+        if self.critic is not None:
+            dmd = self._distribution_matching(x0, local.spatial, text, null, generator, terms)
+            loss = loss + self.dmd_weight * dmd
+        return loss, terms
+
+    def _draw(self, x0, generator):
+        """A noised copy of ``x0`` at a timestep drawn from ``dmd_timesteps``."""
+        lo, hi = self.dmd_timesteps
+        t = torch.randint(lo, hi + 1, (len(x0),), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        return self.teacher.scheduler.add_noise(x0, noise, t), noise, t
+
+    def _distribution_matching(self, x0, spatial, text, null, generator, terms):
+        """The student's DMD loss at a noised copy of its output, then one step of the
+        critic's denoising loss on the (detached) output."""
+        teacher, sched = self.teacher, self.teacher.scheduler
+        cfg = teacher.config
+        noisy, _, t = self._draw(x0.detach(), generator)
+        with torch.no_grad():
+            real = guided_x0(teacher.unet, sched, noisy, t, spatial, text, null, cfg.guidance,
+                             cfg.guidance_scale)  # fmt: skip
+            fake = guided_x0(self.critic, sched, noisy, t, spatial, text, None, "none", 1.0)
+        dmd = dmd_loss(x0, real, fake)
+        terms["train/dmd"] = dmd.detach()
+
+        noisy, noise, t = self._draw(x0.detach(), generator)
+        target = (sched.get_velocity(x0.detach(), noise, t)
+                  if sched.config.prediction_type == "v_prediction" else noise)  # fmt: skip
+        unet_in = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)
+        pred = self.critic(unet_in, t, text.to(noisy.dtype)).sample
+        critic_loss = F.mse_loss(pred.float(), target.float())
+        self.accelerator.backward(critic_loss)
+        self.critic_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        terms["train/critic"] = critic_loss.detach()
+        return dmd
