@@ -154,10 +154,12 @@ def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> Path:
     is that of ``stabilityai/stable-diffusion-2-1``, so
     :meth:`PerCo.from_stable_diffusion` loads it through the real loading path.
     """
-    path = Path(path)
-    c = tiny_components(seed)
-    c["vae"].save_pretrained(path / "vae")
-    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+    return _save_components(tiny_components(seed), Path(path))
+
+
+def _save_components(c: dict, path: Path) -> Path:
+    """Components as a diffusers Stable Diffusion folder (one subfolder each)."""
+    for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         c[name].save_pretrained(path / name)
     return path
 
@@ -192,12 +194,7 @@ def save_sd21(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write :func:`sd21_components` as a diffusers folder with the layout of
     ``stabilityai/stable-diffusion-2-1`` (about 5.2 GB in float32), which
     :meth:`PerCo.from_stable_diffusion` loads through its real loading path."""
-    path = Path(path)
-    c = sd21_components(seed)
-    c["vae"].save_pretrained(path / "vae")
-    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        c[name].save_pretrained(path / name)
-    return path
+    return _save_components(sd21_components(seed), Path(path))
 
 
 def tiny_blip2(seed: int = 0, image_size: int = 32):

@@ -159,12 +159,13 @@ class StudentObjective(Objective):
         dmd_weight: float = 0.0,
         teacher: str | os.PathLike | None = None,
         critic_lr: float | None = None,
+        critic_updates: int = 1,
         dmd_timesteps: tuple[int, int] = (20, 980),
     ):
         self.timestep, self.l1_weight, self.lpips_weight = timestep, l1_weight, lpips_weight
         self.lpips_net, self.lpips_backbone, self.lpips = lpips_net, lpips_backbone, None
         self.dmd_weight, self.teacher_path, self.critic_lr = dmd_weight, teacher, critic_lr
-        self.dmd_timesteps = tuple(dmd_timesteps)
+        self.dmd_timesteps, self.critic_updates = tuple(dmd_timesteps), critic_updates
         self.teacher = self.critic = self.critic_optimizer = self.accelerator = None
 
     def model(self, model: PerCo) -> PerCo:
@@ -258,8 +259,8 @@ class StudentObjective(Objective):
         return self.teacher.scheduler.add_noise(x0, noise, t), noise, t
 
     def _distribution_matching(self, x0, spatial, text, null, generator, terms):
-        """The student's DMD loss at a noised copy of its output, then one step of the
-        critic's denoising loss on the (detached) output."""
+        """The student's DMD loss at a noised copy of its output, then ``critic_updates``
+        steps of the critic's denoising loss on the (detached) output."""
         teacher, sched = self.teacher, self.teacher.scheduler
         cfg = teacher.config
         noisy, _, t = self._draw(x0.detach(), generator)
@@ -270,14 +271,15 @@ class StudentObjective(Objective):
         dmd = dmd_loss(x0, real, fake)
         terms["train/dmd"] = dmd.detach()
 
-        noisy, noise, t = self._draw(x0.detach(), generator)
-        target = (sched.get_velocity(x0.detach(), noise, t)
-                  if sched.config.prediction_type == "v_prediction" else noise)  # fmt: skip
-        unet_in = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)
-        pred = self.critic(unet_in, t, text.to(noisy.dtype)).sample
-        critic_loss = F.mse_loss(pred.float(), target.float())
-        self.accelerator.backward(critic_loss)
-        self.critic_optimizer.step()
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        for _ in range(self.critic_updates):  # the critic follows the student's outputs
+            noisy, noise, t = self._draw(x0.detach(), generator)
+            target = (sched.get_velocity(x0.detach(), noise, t)
+                      if sched.config.prediction_type == "v_prediction" else noise)  # fmt: skip
+            unet_in = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)
+            pred = self.critic(unet_in, t, text.to(noisy.dtype)).sample
+            critic_loss = F.mse_loss(pred.float(), target.float())
+            self.accelerator.backward(critic_loss)
+            self.critic_optimizer.step()
+            self.critic_optimizer.zero_grad(set_to_none=True)
         terms["train/critic"] = critic_loss.detach()
         return dmd
