@@ -683,3 +683,39 @@ def test_a_dmd_student_trains_its_critic_beside_it_and_resumes_exactly(
     tiny_perco("r0.0059", seed=1).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="is not this student's teacher"):
         run(tmp_path / "c", "trainer.max_steps=1", f"objective.teacher={tmp_path / 'other'}")
+
+
+def test_paper_onestep_trains_a_lora_student_of_a_saved_model_in_bf16(
+    photo_folder, tmp_path, assets
+):
+    """experiment=paper_onestep from a saved PerCo folder (here a tiny SD-shaped one; an
+    imported PerCo (SD) folder is the same kind of folder), on shards: LoRA adapters only,
+    bf16 autocast, the student exported with the adapters merged and the teacher's files."""
+    from perco import codec
+
+    teacher = tiny_perco("r0.0059").eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    write_shards(photo_folder, str(tmp_path / "shards" / "s-%03d.tar"), max_count=3)
+    backbone = assets / "lpips" / "vgg16_features.safetensors"
+    cfg = compose_train(
+        "experiment=paper_onestep", "rate=r0.0059", f"init={tmp_path / 'teacher'}",
+        f"data.urls='{tmp_path}/shards/s-{{000..001}}.tar'", "data.crop_size=64",
+        f"paths.output_dir={tmp_path / 'runs'}", f"objective.lpips_backbone={backbone}",
+        "trainer.max_steps=2", "trainer.batch_size=2", "trainer.num_workers=0",
+        "trainer.val_every=100", "trainer.tensorboard=false", "trainer.warmup_steps=0",
+    )  # fmt: skip
+    assert cfg.trainer.mixed_precision == "bf16" and cfg.trainable.mode == "lora"
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["unet_trainable_share"] < 0.2
+    student = PerCo.from_pretrained(tmp_path / "runs" / "paper_onestep" / "r0.0059" / "model")
+    assert student.config.sampler == "one-step" and not student.has_lora  # merged
+    assert codec.file_fingerprint(student) == teacher.fingerprint
+
+
+def test_bf16_mixed_precision_trains_and_validates(photo_folder, tmp_path):
+    """The SD experiments' default (trainer.mixed_precision: bf16) casts the frozen
+    autoencoder to bf16: validation, outside the prepared module, must run under the same
+    autocast (it failed with a bf16/float conv mismatch before)."""
+    extra = ["trainer.max_steps=2", "trainer.mixed_precision=bf16", "trainer.val_every=1"]
+    summary = train(compose_train(*tiny_overrides(photo_folder, tmp_path, *extra)))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["fixed_loss_end"]))

@@ -339,7 +339,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("init"):
         summary["init"] = {"from": str(cfg.init), "fingerprint": unwrapped.fingerprint.hex()}
     if validation is not None:
-        summary["fixed_loss_start"] = validation.loss(unwrapped)
+        with accelerator.autocast():  # the frozen parts are cast to the run's dtype
+            summary["fixed_loss_start"] = validation.loss(unwrapped)
         accelerator.log({"val/fixed_loss": summary["fixed_loss_start"]}, step=state.step)
         log.info("step %d: fixed-set loss %.4f", state.step, summary["fixed_loss_start"])
 
@@ -405,7 +406,10 @@ def train(cfg: DictConfig) -> dict:
                     n = len(batch["captions"])
                     timesteps = grid[torch.randint(len(grid), (n,), generator=generator)]
                 with accelerator.accumulate(trained):
-                    loss, terms = objective(trained, unwrapped, batch, generator, timesteps)
+                    # under the run's autocast as a whole: an objective computes outside the
+                    # prepared module too (a student encodes with the bf16 autoencoder)
+                    with accelerator.autocast():
+                        loss, terms = objective(trained, unwrapped, batch, generator, timesteps)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip:
                         accelerator.clip_grad_norm_(params, tc.grad_clip)
@@ -441,12 +445,13 @@ def train(cfg: DictConfig) -> dict:
                     state.step % tc.val_every == 0 or state.step == tc.max_steps
                 ):
                     pause = time.perf_counter()
-                    fixed = validation.loss(unwrapped)
+                    with accelerator.autocast():
+                        fixed = validation.loss(unwrapped)
+                        validation.reconstruct(
+                            unwrapped, out / "samples" / f"step_{state.step:07d}.png"
+                        )
                     accelerator.log({"val/fixed_loss": fixed}, step=state.step)
                     log.info("step %d: fixed-set loss %.4f", state.step, fixed)
-                    validation.reconstruct(
-                        unwrapped, out / "samples" / f"step_{state.step:07d}.png"
-                    )
                     summary["fixed_loss_end"] = fixed
                     window_start += time.perf_counter() - pause
                 folder = None
