@@ -3,6 +3,8 @@
     python scripts/bench_decode.py --model sd21                    # GPU: SD 2.1 architecture
     python scripts/bench_decode.py --model tiny --device cpu       # anywhere
     python scripts/bench_decode.py --model tiny --quick            # CI smoke (64×64, 2 steps)
+    python scripts/bench_decode.py --model sd21 --device cpu --height 256 --width 384 \
+        --steps 5 20 --variants "fp32 sdpa" --repeats 1 --one-step  # the one-step ratio
 
 The SD 2.1 architecture is built from its published configs with random weights (speed
 does not depend on the weights), or loaded with ``--pretrained``. For each variant
@@ -155,8 +157,33 @@ def bench_variant(base, variant, args, device) -> list[dict]:
                 }
             )
         counter.remove()
+        if args.one_step:
+            args.student_rows += student_rows(model, encoded, variant, rows, args, device)
     sync(device)
     return rows
+
+
+def student_rows(model, encoded, variant, rows, args, device) -> list[dict]:
+    """The one-step student of ``model`` (its frozen encoder, one U-Net call, no CFG pass)
+    decoding the same encoding, side by side with the rows just measured: how many times
+    faster it decodes than the sampler at each step count, in this run."""
+    from perco.models.student import one_step_student
+
+    student = one_step_student(model).eval()
+    counter = CallCounter(student.unet)
+    student.decode(encoded)  # warm-up
+    counter.calls, times = 0, {}
+    with stopwatch(device, times):
+        for _ in range(args.repeats):
+            student.decode(encoded)
+    seconds = times["s"] / args.repeats
+    counter.remove()
+    out = [{"variant": variant.name, "decoder": "one-step student", "decode s": seconds,
+            "U-Net calls": counter.calls / args.repeats, "student faster by": 1.0}]  # fmt: skip
+    out += [{"variant": variant.name, "decoder": f"{r['steps']} steps, CFG",
+             "decode s": r["decode s"], "U-Net calls": r["U-Net calls/step"] * r["steps"],
+             "student faster by": r["decode s"] / seconds} for r in rows]  # fmt: skip
+    return out
 
 
 def main(argv=None) -> None:
@@ -171,7 +198,11 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="64×64, 2 steps, 1 repeat")
+    parser.add_argument(
+        "--one-step", action="store_true", help="also the model's one-step student, side by side"
+    )
     args = parser.parse_args(argv)
+    args.student_rows = []
     if args.quick:
         args.height = args.width = 64
         args.steps, args.repeats = [2], 1
@@ -190,6 +221,10 @@ def main(argv=None) -> None:
     print_table(
         f"decode of one {args.width}×{args.height} image, {args.model}, {args.rate}, CFG text",
         rows,
+    )
+    print_table(
+        f"one-step student vs the sampler, same image and run ({args.repeats} repeats)",
+        args.student_rows,
     )
 
 

@@ -33,6 +33,23 @@ def test_bench_decode_counts_one_unet_call_per_step_with_cfg():
         assert float(row["loop TFLOP/s"]) > 0
 
 
+def test_bench_decode_puts_the_one_step_student_beside_the_sampler():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_decode.py"), "--model", "tiny",
+         "--quick", "--device", "cpu", "--one-step"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout.split("one-step student vs the sampler")[1]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, [c.strip() for c in x.strip("|").split("|")], strict=True))
+            for x in lines[1:]]  # fmt: skip
+    calls = {r["decoder"]: float(r["U-Net calls"]) for r in rows}
+    assert calls == {"one-step student": 1, "2 steps, CFG": 2}
+    assert all(float(r["student faster by"]) > 0 for r in rows)
+
+
 def test_bench_train_reports_each_mode():
     rows = run_script("bench_train.py", "--device", "cpu")
     modes = {row["mode"] for row in rows}
