@@ -697,15 +697,16 @@ def test_paper_onestep_trains_a_lora_student_of_a_saved_model_in_bf16(
     teacher.save_pretrained(tmp_path / "teacher")
     write_shards(photo_folder, str(tmp_path / "shards" / "s-%03d.tar"), max_count=3)
     backbone = assets / "lpips" / "vgg16_features.safetensors"
-    cfg = compose_train(
+    overrides = [
         "experiment=paper_onestep", "rate=r0.0059", f"init={tmp_path / 'teacher'}",
         f"data.urls='{tmp_path}/shards/s-{{000..001}}.tar'", "data.crop_size=64",
         f"paths.output_dir={tmp_path / 'runs'}", f"objective.lpips_backbone={backbone}",
         "trainer.max_steps=2", "trainer.batch_size=2", "trainer.num_workers=0",
         "trainer.val_every=100", "trainer.tensorboard=false", "trainer.warmup_steps=0",
-    )  # fmt: skip
+    ]  # fmt: skip
+    cfg = compose_train(*overrides)
     assert cfg.trainer.mixed_precision == "bf16" and cfg.trainable.mode == "lora"
-    summary = train(cfg)
+    summary = train_in_a_new_process(overrides, tmp_path / "runs" / "paper_onestep" / "r0.0059")
     assert summary["steps"] == 2 and summary["unet_trainable_share"] < 0.2
     student = PerCo.from_pretrained(tmp_path / "runs" / "paper_onestep" / "r0.0059" / "model")
     assert student.config.sampler == "one-step" and not student.has_lora  # merged
@@ -717,5 +718,15 @@ def test_bf16_mixed_precision_trains_and_validates(photo_folder, tmp_path):
     autoencoder to bf16: validation, outside the prepared module, must run under the same
     autocast (it failed with a bf16/float conv mismatch before)."""
     extra = ["trainer.max_steps=2", "trainer.mixed_precision=bf16", "trainer.val_every=1"]
-    summary = train(compose_train(*tiny_overrides(photo_folder, tmp_path, *extra)))
+    overrides = tiny_overrides(photo_folder, tmp_path, *extra)
+    summary = train_in_a_new_process(overrides, tmp_path / "tiny" / "r0.0059")
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["fixed_loss_end"]))
+
+
+def train_in_a_new_process(overrides: list[str], run: Path) -> dict:
+    """``perco-train`` in its own process, as users run it: Accelerate fixes the mixed
+    precision once per process, and a test worker may have set it already."""
+    cmd = [sys.executable, "-m", "perco.train.cli", *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run / "summary.json").read_text())
