@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["diffusion_loss", "metric_factor", "predicted_x0", "x0_lpips", "load_lpips"]
+__all__ = [
+    "diffusion_loss", "diffusion_target", "metric_factor", "predicted_x0", "x0_lpips",
+    "load_lpips",
+]  # fmt: skip
 
 
 def metric_factor(latent_metric: list[list[float]]) -> torch.Tensor:
@@ -55,6 +58,19 @@ def diffusion_loss(
     if snr_gamma:
         per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr + 1 if v_prediction else snr)
     return per_sample
+
+
+def diffusion_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What a U-Net learns to predict at ``add_noise(latents, noise, timesteps)``: the
+    velocity (v-prediction) or the noise (ε-prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "epsilon":
+        return noise
+    raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
 def predicted_x0(

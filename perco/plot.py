@@ -49,7 +49,7 @@ def curves(
     adds, for results coded with a learned index prior, the same points at
     ``bpp_uniform`` (PerCo's coding of the same indices). Rate-matched classic codecs
     are placed at their file bpp, published references at the bpp they report."""
-    from .eval.codecs import codec_label
+    from .eval.codecs import codec_label, rate_matched
 
     out = defaultdict(list)
     for doc in docs:
@@ -66,11 +66,10 @@ def curves(
             for i in range(len(res.get(key, []))):
                 label = name if len(res[key]) == 1 else f"{name} ({res['steps'][i]} steps)"
                 out[label + suffix].append((res[key][i], {k: v[i] for k, v in res.items()}))
-        for series, row in doc.get("references", {}).items():
-            if "target_bpp" in row and row["images"] and not row["cannot_reach"]:
-                label = f"{codec_label(series.split('@')[0])} (rate-matched)"
-                if all(p["target_bpp"] != row["target_bpp"] for _, p in out[label]):
-                    out[label].append((row["bpp_file"], row))
+        for codec, _, _, row in rate_matched(doc, complete=True):
+            label = f"{codec_label(codec)} (rate-matched)"
+            if all(p["target_bpp"] != row["target_bpp"] for _, p in out[label]):
+                out[label].append((row["bpp_file"], row))
     for ref in references:
         res = ref["results"]
         out[published_label(ref)] = [(res["bpp"][i], {k: v[i] for k, v in res.items()})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StageTimer", "Timing", "repeat", "OtherLoad", "machine_load"]
+__all__ = ["StageTimer", "Timing", "repeat", "OtherLoad", "machine_load", "CallCounter"]
 
 
 class StageTimer:
@@ -134,3 +134,17 @@ def machine_load() -> str | None:
     if load >= cores / 2:
         return f"the machine was loaded (1-min load average {load:.1f} on {cores} cores)"
     return None
+
+
+class CallCounter:
+    """Counts a module's forward calls (e.g. a decode's U-Net calls); ``remove()`` unhooks."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def remove(self) -> None:
+        self.handle.remove()

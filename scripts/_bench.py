@@ -82,20 +82,6 @@ def count_flops(fn, module: str | None = None) -> int:
     return sum(counter.get_flop_counts().get(module, {}).values())
 
 
-class CallCounter:
-    """Counts forward calls of a module."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.calls = 0
-        self.handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_):
-        self.calls += 1
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
 def print_table(title: str, rows: list[dict]) -> None:
     """A markdown table (pasteable into docs/benchmarks.md)."""
     if not rows:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from _bench import (
-    CallCounter,
     build,
     count_flops,
     matmul_tflops,
@@ -37,7 +36,7 @@ from _bench import (
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 
-from perco.timing import StageTimer
+from perco.timing import CallCounter, StageTimer
 
 
 @dataclass(frozen=True)

@@ -24,19 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
-import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from _bench import peak_memory_gb, stopwatch
+from count_params import trainable_counts
 
 from perco import codec
 from perco.io import load_image
 from perco.models.perco import PerCo
 from perco.testing import save_sd21
+from perco.timing import CallCounter
 from perco.train import trainable_report
 
 ASSETS_IMAGE = "kodak/kodim23.png"
@@ -52,25 +55,16 @@ class Phases:
     def __init__(self, device: torch.device):
         self.device, self.rows = device, {}
 
+    @contextmanager
     def __call__(self, name: str):
-        phases = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = time.perf_counter()
-                return self
-
-            def __exit__(self, *exc):
-                if phases.device.type == "cuda":
-                    torch.cuda.synchronize(phases.device)
-                row = {"s": round(time.perf_counter() - self.start, 1),
-                       "peak_rss_gb": round(peak_rss_gb(), 2)}  # fmt: skip
-                if phases.device.type == "cuda":
-                    row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                phases.rows[name] = row
-                print(f"{name}: {row}", flush=True)
-
-        return _Phase()
+        times = {}
+        with stopwatch(self.device, times):  # synchronised on a GPU
+            yield
+        row = {"s": round(times["s"], 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
+        if self.device.type == "cuda":
+            row["peak_gpu_gb"] = round(peak_memory_gb(self.device), 2)
+        self.rows[name] = row
+        print(f"{name}: {row}", flush=True)
 
     def table(self) -> str:
         cols = list(next(iter(self.rows.values())))
@@ -78,14 +72,6 @@ class Phases:
         lines += [f"| {k} | " + " | ".join(str(v[c]) for c in cols) + " |"
                   for k, v in self.rows.items()]  # fmt: skip
         return "\n".join(lines)
-
-
-class CallCounter:
-    """Counts a module's forward calls."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.calls = 0
-        module.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
 
 def crop(assets: Path, size: int) -> torch.Tensor:
@@ -147,11 +133,6 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-
-    import os
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from count_params import trainable_counts
 
     assets = args.assets or Path(os.environ.get("PERCO_ASSETS", "../shared/assets"))
     device = torch.device(args.device)

@@ -19,6 +19,7 @@ from perco import codec
 from perco.io import load_image, save_image
 from perco.models.perco import PerCo
 from perco.testing import save_sd21, sd21_components
+from perco.timing import CallCounter
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,12 +37,6 @@ def sd21_perco():
             c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"], "r0.0019"
         )
     return model.eval()
-
-
-class CallCounter:
-    def __init__(self, module):
-        self.calls = 0
-        module.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
 
 def test_bf16_autocast_training_step_at_256(sd21_perco, assets):

@@ -23,7 +23,8 @@ import torch
 from ..io import to_pil
 
 __all__ = [
-    "ClassicCodec", "CodecUnavailable", "Match", "CODECS", "codec_label", "get_codec", "rate_match",
+    "ClassicCodec", "CodecUnavailable", "Match", "CODECS", "codec_label", "codec_series",
+    "rate_matched", "get_codec", "rate_match",
 ]  # fmt: skip
 
 EXTRA = "pip install 'perco[codecs]'"
@@ -147,6 +148,20 @@ CODECS = tuple(_TABLE)
 def codec_label(name: str) -> str:
     """The codec's display name, without importing its library."""
     return _TABLE[name][0] if name in _TABLE else name
+
+
+def codec_series(codec: str, target_bpp: float) -> str:
+    return f"{codec}@{target_bpp:.4f}"
+
+
+def rate_matched(doc: dict, complete: bool = False):
+    """``(codec, target as named, series, summary)`` of a results document's rate-matched
+    classic-codec rows (:func:`codec_series`); ``complete``: only the targets every image
+    reached (a row over some of the images is biased as a curve point)."""
+    for series, row in doc.get("references", {}).items():
+        if "target_bpp" in row and (not complete or (row["images"] and not row["cannot_reach"])):
+            codec, target = series.split("@")
+            yield codec, target, series, row
 
 
 def get_codec(name: str) -> ClassicCodec:

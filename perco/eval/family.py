@@ -24,7 +24,7 @@ from ..io import atomic_write, save_image
 from ..models.perco import PerCo
 from ..timing import OtherLoad, machine_load, repeat
 from .bd import INTERPOLATION, bd_rate
-from .codecs import codec_label
+from .codecs import codec_label, rate_matched
 from .metrics import table_columns
 from .references import CONTROL
 from .results import jpeg_series
@@ -103,9 +103,8 @@ def evaluate_family(
     for q in settings.jpeg:
         rows[f"JPEG quality {q} (Pillow)"] = first["references"][jpeg_series(q)]
     for rate in rates:
-        for series, row in docs[rate].get("references", {}).items():
-            if "target_bpp" in row:
-                rows[codec_row_label(series, row, len(data))] = row
+        for codec, target, _, row in rate_matched(docs[rate]):
+            rows[codec_row_label(codec, target, row, len(data))] = row
     control = top.get("references", {}).get(CONTROL)
     if control:  # (an image alone in its size has no donor: no control without a pair)
         rows[f"control: {rates[-1]} from shuffled z_l ({control['images']} images)"] = control
@@ -185,11 +184,10 @@ def _grid(data, out: Path, docs: dict, rates: list[str], settings: EvalSettings,
 
     folders = [out / rate / "reconstructions" / f"steps={steps}" for rate in rates]
     labels = ["original"] + [f"{rate}\n{docs[rate]['results']['bpp'][0]:.4f} bpp" for rate in rates]
-    for series, row in docs[rates[-1]].get("references", {}).items():  # codecs at the top
-        if "target_bpp" in row and (out / rates[-1] / "reconstructions" / series).is_dir():
-            name, target = series.split("@")
+    for codec, target, series, row in rate_matched(docs[rates[-1]]):  # codecs at the top
+        if (out / rates[-1] / "reconstructions" / series).is_dir():
             folders.append(out / rates[-1] / "reconstructions" / series)
-            labels.append(f"{codec_label(name)} <= {target}\n{row['bpp_file']:.4f} bpp")
+            labels.append(f"{codec_label(codec)} <= {target}\n{row['bpp_file']:.4f} bpp")
     if (out / rates[-1] / "reconstructions" / CONTROL).is_dir():
         folders.append(out / rates[-1] / "reconstructions" / CONTROL)
         labels.append(f"control: {rates[-1]}\nwith shuffled z_l")
@@ -197,10 +195,9 @@ def _grid(data, out: Path, docs: dict, rates: list[str], settings: EvalSettings,
     return reconstruction_grid(data, folders, ids, height=160, columns=labels)
 
 
-def codec_row_label(series: str, row: dict, images: int) -> str:
+def codec_row_label(codec: str, target: str, row: dict, images: int) -> str:
     """``AVIF ≤0.1250 bpp (20/24 images)``, or that the codec cannot reach the rate."""
-    name, target = series.split("@")
-    label = f"{codec_label(name)} ≤{target} bpp"
+    label = f"{codec_label(codec)} ≤{target} bpp"
     if not row["images"]:
         return f"{label}: cannot reach (smallest {min(row['cannot_reach'].values()):.4f} bpp)"
     return f"{label} ({row['images']}/{images} images)"
@@ -209,11 +206,9 @@ def codec_row_label(series: str, row: dict, images: int) -> str:
 def bd_rates(docs: dict, rates: list[str], anchor: str, metrics: list[str]) -> dict:
     """BD-rate per metric of the rungs (first step count) against ``anchor``'s rate-matched
     rows, counting only the targets every image reached (a partial row is biased)."""
-    points = {}
-    for rate in rates:
-        for series, row in docs[rate].get("references", {}).items():
-            if series.split("@")[0] == anchor and row["images"] and not row["cannot_reach"]:
-                points[series] = row
+    points = {series: row for rate in rates
+              for codec, _, series, row in rate_matched(docs[rate], complete=True)
+              if codec == anchor}  # fmt: skip
     out = {}
     for metric in metrics:
         test = [(docs[r]["results"]["bpp_file"][0], docs[r]["results"].get(metric, [None])[0])

@@ -17,6 +17,7 @@ from ..metrics import fid_kid
 from ..metrics.miou import mean_iou
 from ..models.perco import PerCo
 from .cache import ImageResult, load_result
+from .codecs import codec_series
 from .metrics import METRICS, table_columns
 from .references import CONTROL
 from .settings import Backbones, EvalSettings
@@ -48,10 +49,6 @@ def series_name(steps: int | None, model: PerCo) -> str:
 
 def jpeg_series(quality: int) -> str:
     return f"jpeg q={quality}"
-
-
-def codec_series(codec: str, target_bpp: float) -> str:
-    return f"{codec}@{target_bpp:.4f}"
 
 
 def reference_targets(settings: EvalSettings, model: PerCo) -> list[float]:

@@ -30,18 +30,10 @@ from ..metrics import hific_patches
 from ..metrics.miou import intersections_unions
 from ..models.perco import PerCo
 from .cache import ImageResult, check_protocol, is_done, write_result
-from .codecs import get_codec, rate_match
+from .codecs import codec_series, get_codec, rate_match
 from .metrics import Batch, compute, to_8bit
 from .references import CONTROL, jpeg, shuffle_pairs
-from .results import (
-    CEILING,
-    codec_series,
-    jpeg_series,
-    protocol,
-    reference_targets,
-    series_name,
-    write_outputs,
-)
+from .results import CEILING, jpeg_series, protocol, reference_targets, series_name, write_outputs
 from .settings import Backbones, EvalSettings
 
 __all__ = ["evaluate", "reconstruction_seed", "LatentCache"]

@@ -29,7 +29,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..fingerprint import fingerprint
-from ..losses import diffusion_loss, metric_factor, predicted_x0
+from ..losses import diffusion_loss, diffusion_target, metric_factor, predicted_x0
 from ..rates import Rate, hyper_latent_size
 from ..sampling import GuidanceMode, sampler_for, with_spacing
 from ..timing import StageTimer, stage
@@ -533,12 +533,7 @@ class PerCo(nn.Module):
             timesteps = torch.randint(0, num, (latents.shape[0],), generator=generator)
         timesteps = timesteps.to(latents.device)
         noisy = sched.add_noise(latents, noise, timesteps)
-        if sched.config.prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, timesteps)
-        elif sched.config.prediction_type == "epsilon":
-            target = noise
-        else:
-            raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r}")
+        target = diffusion_target(sched, latents, noise, timesteps)
 
         unet_in = torch.cat([noisy, local.spatial], dim=1).to(self.unet.dtype)
         pred = self.unet(unet_in, timesteps, text.to(self.unet.dtype)).sample

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import load_lpips, x0_lpips
+from ..losses import diffusion_target, load_lpips, x0_lpips
 from ..models.perco import PerCo
 from ..sampling import guided_x0, one_step_x0
 
@@ -273,8 +273,7 @@ class StudentObjective(Objective):
 
         for _ in range(self.critic_updates):  # the critic follows the student's outputs
             noisy, noise, t = self._draw(x0.detach(), generator)
-            target = (sched.get_velocity(x0.detach(), noise, t)
-                      if sched.config.prediction_type == "v_prediction" else noise)  # fmt: skip
+            target = diffusion_target(sched, x0.detach(), noise, t)
             unet_in = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)
             pred = self.critic(unet_in, t, text.to(noisy.dtype)).sample
             critic_loss = F.mse_loss(pred.float(), target.float())
