@@ -457,6 +457,45 @@ def test_several_rungs_in_one_table_with_references_once(photos, tmp_path, asset
     assert "| perco r0.0059 |" in text and (out / "grid.png").is_file()
 
 
+def test_compared_families_get_rows_beside_each_rung_decoded_as_saved(photos, tmp_path):
+    """compare=[students]: the one-step students of a sweep decode the teacher's files (the
+    same bpp) in one U-Net call, in rows after the teacher's step counts at each rung, with
+    the timing table's U-Net calls and decode-time ratios; misuse is one clear error."""
+    from perco.models.student import one_step_student
+    from perco.testing import tiny_perco
+
+    teachers, students = tmp_path / "runs" / "teacher", tmp_path / "runs" / "student"
+    for rate in ("r0.0019", "r0.0059"):
+        teacher = tiny_perco(rate).eval()
+        teacher.save_pretrained(teachers / rate / "model")
+        one_step_student(teacher).save_pretrained(students / rate / "model")
+    out = tmp_path / "eval"
+    extra = ["rates=[r0.0019,r0.0059]", f"compare=[{students}]", "eval.steps=[2,1]",
+             "eval.timing_repeats=1", "eval.ceiling=false"]  # fmt: skip
+    summary = run(config(photos, out, f"checkpoint={teachers}", *extra))
+    assert list(summary["rows"]) == [
+        "perco r0.0019 (2 steps)", "perco r0.0019 (1 step)", "student r0.0019 (1 step)",
+        "perco r0.0059 (2 steps)", "perco r0.0059 (1 step)", "student r0.0059 (1 step)",
+    ]  # fmt: skip
+    for rate in ("r0.0019", "r0.0059"):
+        teacher, student = (summary["rows"][f"{n} {rate} (1 step)"] for n in ("perco", "student"))
+        assert student["bpp_file"] == teacher["bpp_file"]  # the teacher's files
+        doc = json.loads((out / "student" / rate / "results.json").read_text())
+        assert doc["results"]["steps"] == [1] and "one-step student" in doc["protocol"]["sampler"]
+        timing = summary["timing"][rate]
+        assert timing[f"student {rate} (1 step)"]["U-Net calls"] == "1"
+        assert timing[f"perco {rate} (2 steps), cfg text"]["U-Net calls"] == "2"  # batched CFG
+    text = (out / "summary.md").read_text()
+    assert "| student r0.0059 (1 step) |" in text and "decode time / first row's" in text
+    assert summary["compared"]["student"]["r0.0019"].endswith("results.json")
+
+    with pytest.raises(ValueError, match="give rates"):
+        run(config(photos, out, f"checkpoint={teachers}", "rate=r0.0019", f"compare=[{students}]"))
+    with pytest.raises(ValueError, match="names must differ"):
+        run(config(photos, out, f"checkpoint={teachers}", "rates=[r0.0019]",
+                   f"compare=[{students},{tmp_path / 'student'}]"))  # fmt: skip
+
+
 def test_classic_codecs_rate_matched_in_the_rung_table_with_bd_rates(photos, tmp_path, assets):
     """eval.references: each codec at each target, "cannot reach" per image where even its
     smallest file is larger, the protocol naming library, version and settings, and the

@@ -128,10 +128,21 @@ def run(cfg) -> dict | None:
         raise ValueError(f"give rate={rate} or rates={rates}, not both")
     settings = settings_from_config(cfg)
     backbones = load_backbones(cfg.metrics, device)
+    compare = {Path(str(folder)).name: str(folder) for folder in cfg.get("compare") or []}
+    if compare and not rates:
+        raise ValueError("compare=[...] adds rows to the table of several rungs: give rates=[...]")
+    if cfg.name in compare or len(compare) < len(cfg.get("compare") or []):
+        raise ValueError(
+            f"compare={list(cfg.compare)}: each folder's name labels its rows, so the names "
+            f"must differ from each other and from name={cfg.name}"
+        )
     if rates:
         models = {r: load_model(str(cfg.checkpoint), r).to(device) for r in rates}
+        others = {label: {r: load_model(folder, r).to(device) for r in rates}
+                  for label, folder in compare.items()}  # fmt: skip
         repeats = int(cfg.eval.get("timing_repeats") or 0)
-        return evaluate_family(models, data, settings, backbones, cfg.output_dir, cfg.name, repeats)
+        return evaluate_family(models, data, settings, backbones, cfg.output_dir, cfg.name,
+                               repeats, others)  # fmt: skip
     model = load_model(str(cfg.checkpoint), rate).to(device)
     out = Path(cfg.output_dir) / model.rate.name
     return evaluate(model, data, settings, backbones, out, name=cfg.name)

@@ -31,22 +31,38 @@ from .results import jpeg_series
 from .runner import LatentCache, evaluate
 from .settings import Backbones, EvalSettings
 
-__all__ = ["evaluate_family", "time_codec", "markdown_table"]
+__all__ = ["evaluate_family", "time_codec", "timing_table", "markdown_table"]
 
 
-def time_codec(model: PerCo, image: torch.Tensor, steps: int | None, repeats: int) -> dict:
+def time_codec(
+    model: PerCo, image: torch.Tensor, steps: list[int | None], repeats: int, label: str
+) -> dict[str, dict]:
     """Encode and decode one image: median (fastest–slowest) of ``repeats`` runs after a
-    warm-up; with and without CFG only for a model that has text to guide with."""
-    steps = steps or model.default_steps
+    warm-up, and the U-Net calls of one decode; a row per step count (``label`` with the
+    count where there are several), with and without CFG for a model that has text to
+    guide with (a one-step student has no guidance pass)."""
+    from ..timing import CallCounter
+
     with torch.no_grad():
         encoded = model.encode(image)
-        out = {"encode s": repeat(lambda: model.encode(image), repeats)}
-        modes = ("none", "text") if model.config.text else ("none",)
-        for guidance in modes:
-            key = f"decode s ({steps} steps{', cfg ' + guidance if len(modes) > 1 else ''})"
-            out[key] = repeat(lambda g=guidance: model.decode(encoded, steps=steps, guidance=g),
-                              repeats)  # fmt: skip
-    return out
+        encode = repeat(lambda: model.encode(image), repeats)
+        guided = model.config.text and model.config.sampler != "one-step"
+        modes = ("none", "text") if guided else (None,)
+        rows = {}
+        for n in steps:
+            for guidance in modes:
+                row = f"{label} ({_steps(n or model.default_steps)})"
+                row += f", cfg {guidance}" if len(modes) > 1 else ""
+
+                def decode(n=n, guidance=guidance):
+                    return model.decode(encoded, steps=n, guidance=guidance)
+
+                counter = CallCounter(model.unet)
+                decode()
+                counter.remove()
+                rows[row] = {"encode s": encode, "decode s": repeat(decode, repeats),
+                             "U-Net calls": counter.calls}  # fmt: skip
+    return rows
 
 
 def markdown_table(rows: dict[str, dict], columns: list[str]) -> str:
@@ -66,9 +82,15 @@ def evaluate_family(
     out_dir: str | Path,
     name: str,
     timing_repeats: int = 0,
+    compare: dict[str, dict[str, PerCo]] | None = None,
 ) -> dict | None:
     """Evaluate ``models`` (``{rate: model}``, lowest rung first) and write the family's
-    summary; the main process returns it."""
+    summary; the main process returns it.
+
+    ``compare``: other families at the same rungs (``{label: {rate: model}}``, e.g. the
+    one-step students of ``models``), each into ``<out_dir>/<label>/<rate>/`` and a row
+    per rung beside the family's, decoded as each was saved to (its own steps, guidance
+    and spacing; the references are measured once, with ``models``)."""
     from accelerate import PartialState
 
     state = PartialState()
@@ -86,17 +108,27 @@ def evaluate_family(
             control=settings.control and i == len(models) - 1,
         )
         docs[rate] = evaluate(model, data, rung, backbones, out / rate, name, cache)
+    compare = compare or {}
+    as_saved = replace(settings, steps=[None], guidance=None, guidance_scale=None,
+                       timestep_spacing=None, ceiling=False, jpeg=[], references=[],
+                       control=False)  # fmt: skip
+    compared = {label: {rate: evaluate(model, data, as_saved, backbones, out / label / rate,
+                                       label, cache) for rate, model in family.items()}
+                for label, family in compare.items()}  # fmt: skip
     if not state.is_main_process:
         return None
     eval_s = time.perf_counter() - start
 
     steps = docs[rates[0]]["results"]["steps"][0]
     rows = {}
-    for rate in rates:  # one row per rung, or per rung and step count
+    for rate in rates:  # per rung: a row per step count, then each compared family's
         res = docs[rate]["results"]
         for i, n in enumerate(res["steps"]):
-            label = f"{name} {rate}" + (f" ({n} steps)" if len(res["steps"]) > 1 else "")
+            label = f"{name} {rate}" + (f" ({_steps(n)})" if len(res["steps"]) > 1 else "")
             rows[label] = {k: v[i] for k, v in res.items()}
+        for label, family_docs in compared.items():
+            res = family_docs[rate]["results"]
+            rows[f"{label} {rate} ({_steps(res['steps'][0])})"] = {k: v[0] for k, v in res.items()}
     first, top = docs[rates[0]], docs[rates[-1]]
     if "autoencoder_ceiling" in first:
         rows["autoencoder alone (ceiling)"] = first["autoencoder_ceiling"]
@@ -116,7 +148,12 @@ def evaluate_family(
     if timing_repeats:
         with others:
             for rate, model in models.items():
-                timing[rate] = time_codec(model, image.to(model.device), steps, timing_repeats)
+                timed = {(name, model): list(settings.steps)}
+                timed.update({(label, family[rate]): [None] for label, family in compare.items()})
+                timing[rate] = {}
+                for (label, m), counts in timed.items():
+                    timing[rate].update(time_codec(m, image.to(m.device), counts,
+                                                   timing_repeats, f"{label} {rate}"))  # fmt: skip
     if others.cores is not None:  # measured during the timing itself, not before the run
         loaded = others.warning()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -137,10 +174,7 @@ def evaluate_family(
                   f"{timing_repeats} runs after a warm-up"]  # fmt: skip
         if loaded:
             lines.append(f"warning: {loaded}; these times are not the machine's own")
-        cols = list(next(iter(timing.values())))
-        lines += ["| rate | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        lines += [f"| {r} | " + " | ".join(str(t[c]) for c in cols) + " |"
-                  for r, t in timing.items()]  # fmt: skip
+        lines += timing_table(timing)
     lines += ["", f"evaluation wall-clock {eval_s / 60:.1f} min; peak memory {peak:.2f} GB"]
     bd = {}
     if settings.bd_anchor:
@@ -151,11 +185,12 @@ def evaluate_family(
     if departures:
         lines += ["", "departures from the paper's protocol:", *(f"- {d}" for d in departures)]
 
-    grid = _grid(data, out, docs, rates, settings, steps)
+    grid = _grid(data, out, docs, rates, settings, steps, compared)
     if grid is not None:
         save_image(grid, out / "grid.png")
         lines.append(f"\ngrid: {out / 'grid.png'} (rows: images; columns: original, "
-                     f"{', '.join(rates)}, the codecs at {rates[-1]}"
+                     f"{', '.join(rates)}{' and the compared at each' if compared else ''}, "
+                     f"the codecs at {rates[-1]}"
                      f"{', control' if control else ''})")  # fmt: skip
     text = "\n".join(lines) + "\n"
     summary = {
@@ -163,7 +198,14 @@ def evaluate_family(
         "rates": rates,
         "rows": rows,
         **({"bd_rate": bd} if bd else {}),
-        "timing": {r: {k: str(v) for k, v in t.items()} for r, t in timing.items()},
+        "timing": {
+            rate: {row: {k: str(v) for k, v in t.items()} for row, t in rows.items()}
+            for rate, rows in timing.items()
+        },  # fmt: skip
+        "compared": {
+            label: {rate: str(out / label / rate / "results.json") for rate in rates}
+            for label in compared
+        },  # fmt: skip
         "machine_load": loaded,
         "other_processes_cores_while_timing": others.cores,
         "evaluation_s": eval_s,
@@ -177,13 +219,38 @@ def evaluate_family(
     return summary
 
 
-def _grid(data, out: Path, docs: dict, rates: list[str], settings: EvalSettings, steps):
-    """Original, each rung (with its bpp), the classic codecs at the top rung's rate (blank
-    where one cannot reach it) and the control, for the first images."""
+def _steps(n: int) -> str:
+    return "1 step" if n == 1 else f"{n} steps"
+
+
+def timing_table(timing: dict[str, dict[str, dict]]) -> list[str]:
+    """The timing rows (``{rate: {row: times}}``), each with its decode time over that of
+    the first row at its rung."""
+    lines = ["| row | encode s | decode s | U-Net calls | decode time / first row's |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for rows in timing.values():
+        base = next(iter(rows.values()))["decode s"].median
+        lines += [f"| {label} | {t['encode s']} | {t['decode s']} | {t['U-Net calls']} | "
+                  f"{t['decode s'].median / base:.2f} |" for label, t in rows.items()]  # fmt: skip
+    return lines
+
+
+def _grid(
+    data, out: Path, docs: dict, rates: list[str], settings: EvalSettings, steps, compared: dict
+):
+    """Original, each rung (with its bpp) and the compared families' at it, the classic
+    codecs at the top rung's rate (blank where one cannot reach it) and the control, for
+    the first images."""
     from ..plot import reconstruction_grid
 
-    folders = [out / rate / "reconstructions" / f"steps={steps}" for rate in rates]
-    labels = ["original"] + [f"{rate}\n{docs[rate]['results']['bpp'][0]:.4f} bpp" for rate in rates]
+    folders, labels = [], ["original"]
+    for rate in rates:  # each rung, then the compared families' at it
+        folders.append(out / rate / "reconstructions" / f"steps={steps}")
+        labels.append(f"{rate}\n{docs[rate]['results']['bpp'][0]:.4f} bpp")
+        for label, family_docs in compared.items():
+            n = family_docs[rate]["results"]["steps"][0]
+            folders.append(out / label / rate / "reconstructions" / f"steps={n}")
+            labels.append(f"{label}\n{rate}, {_steps(n)}")
     for codec, target, series, row in rate_matched(docs[rates[-1]]):  # codecs at the top
         if (out / rates[-1] / "reconstructions" / series).is_dir():
             folders.append(out / rates[-1] / "reconstructions" / series)
