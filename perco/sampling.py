@@ -127,6 +127,7 @@ def sample(
     guidance: GuidanceMode = "text",
     guidance_scale: float = 3.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample latents conditioned on ``spatial`` (``z_l`` on the latent grid) and text.
 
@@ -142,6 +143,9 @@ def sample(
         guidance_scale: ``λ`` of eq. 5.
         generator: one generator, or one per sample (a sample then does not depend on
             what else is in the batch).
+        noise: the starting ``x_T`` (unscaled, as drawn), instead of drawing it from
+            ``generator``: a one-step student's paired-distillation target starts where
+            the student does.
 
     Returns:
         Latents ``(B, C_latent, H, W)``.
@@ -152,13 +156,10 @@ def sample(
     dtype = unet.dtype
     scheduler = type(scheduler).from_config(scheduler.config)
     scheduler.set_timesteps(steps, device=spatial.device)
-    latents = randn_tensor(
-        (batch, unet.config.out_channels, height, width),
-        generator=generator,
-        device=spatial.device,
-        dtype=dtype,
-    )
-    latents = latents * scheduler.init_noise_sigma
+    if noise is None:
+        noise = randn_tensor((batch, unet.config.out_channels, height, width),
+                             generator=generator, device=spatial.device, dtype=dtype)  # fmt: skip
+    latents = noise.to(spatial.device, dtype) * scheduler.init_noise_sigma
 
     branches = _Branches(spatial, text, null_text, guidance, guidance_scale, dtype)
     step_kwargs = {"generator": generator} if _accepts(scheduler.step, "generator") else {}

@@ -85,6 +85,18 @@ def test_seeded_sampling_is_reproducible_and_per_sample(parts):
     torch.testing.assert_close(alone[0], a[0], atol=1e-5, rtol=1e-4)
 
 
+def test_a_given_starting_noise_is_the_one_a_generator_would_draw(parts):
+    """sample(noise=...): a student's paired-distillation target starts from the student's
+    own noise, and is then exactly the teacher's decode of that noise."""
+    unet, scheduler, cond = parts
+    drawn = sample(unet, scheduler, **cond, steps=3, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(drawn.shape, generator=torch.Generator().manual_seed(7))
+    given = sample(unet, scheduler, **cond, steps=3, noise=noise)
+    torch.testing.assert_close(given, drawn, atol=1e-6, rtol=1e-5)
+    other = sample(unet, scheduler, **cond, steps=3, noise=torch.randn(drawn.shape))
+    assert not torch.allclose(other, drawn)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_any_scheduler_and_prediction_type(parts, prediction_type):
     unet, _, cond = parts

@@ -105,6 +105,43 @@ def test_two_processes_resume_mid_epoch_on_shards_exactly(shards, tmp_path):
     assert keys[0] == keys[1]  # the resumed rank 1 saw exactly the uninterrupted batches
 
 
+@pytest.mark.slow
+def test_two_processes_train_a_distilling_dmd_student_on_shards_and_resume_exactly(
+    shards, tmp_path, assets
+):
+    """Stage 2 on 2 processes on shards, paired distillation and DMD together: the critic
+    is DDP-wrapped (its weights agree across ranks: the sync check covers the objective's
+    modules), and a resumed run ends where an uninterrupted one does, critic included."""
+    from safetensors.torch import load_file
+
+    from perco.models.student import one_step_student
+    from perco.testing import tiny_perco
+
+    teacher = tiny_perco(RATE).eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    one_step_student(teacher).save_pretrained(tmp_path / "student")
+    stage2 = ("objective=student", f"init={tmp_path / 'student'}",
+              f"objective.teacher={tmp_path / 'teacher'}", "objective.dmd_weight=1.0",
+              "objective.distill_weight=1.0", "trainer.sample_steps=null",
+              f"objective.lpips_backbone={assets / 'lpips' / 'vgg16_features.safetensors'}",
+              "trainer.checkpoint_every=2", "trainer.checkpoint_total_limit=5")  # fmt: skip
+    last = (*stage2, "trainer.max_steps=4")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "a", *last)))
+    first = (*stage2, "trainer.max_steps=2")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "b", *first)))
+    resume = (*last, "trainer.resume=latest")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "b", *resume)))
+    for d in "ab":
+        summary = json.loads((run_dir(tmp_path / d) / "summary.json").read_text())
+        assert summary["ranks_in_sync"] is True and summary["steps"] == 4
+    assert_same_weights(run_dir(tmp_path / "a"), run_dir(tmp_path / "b"))
+    critics = [load_file(sorted((run_dir(tmp_path / d) / "checkpoints").glob("*"))[-1]
+                         / "model.safetensors") for d in "ab"]  # fmt: skip
+    assert critics[0].keys() == critics[1].keys() and len(critics[0]) > 10
+    for key in critics[0]:
+        torch.testing.assert_close(critics[0][key], critics[1][key], rtol=1e-5, atol=1e-6)
+
+
 def assert_same_weights(a, b):
     a, b = _weights(a / "model"), _weights(b / "model")
     assert a.keys() == b.keys()

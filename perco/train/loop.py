@@ -46,6 +46,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..fingerprint import fingerprint
 from ..io import atomic_write
 from ..models.perco import Capability, PerCo
 from .checkpoints import failpoint, next_index, resume_checkpoint, save_checkpoint
@@ -484,7 +485,10 @@ def train(cfg: DictConfig) -> dict:
     summary["peak_memory_mb"] = _peak_memory_mb(accelerator.device)
     summary["skipped_images"] = int(accelerator.reduce(skipped, "sum").item())
     if tc.check_sync:
-        digest = torch.tensor(list(unwrapped.fingerprint), device=accelerator.device)
+        own = {f"objective.{i}": accelerator.unwrap_model(m)  # e.g. a critic
+               for i, m in enumerate(objective.modules())}  # fmt: skip
+        digest = unwrapped.fingerprint + (fingerprint(own, {}) if own else b"")
+        digest = torch.tensor(list(digest), device=accelerator.device)
         everyone = accelerator.gather(digest[None]).view(accelerator.num_processes, -1)
         summary["ranks_in_sync"] = bool((everyone == everyone[0]).all())
     if ema is not None:

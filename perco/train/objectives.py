@@ -30,7 +30,7 @@ from torch import nn
 
 from ..losses import diffusion_target, load_lpips, x0_lpips
 from ..models.perco import PerCo
-from ..sampling import guided_x0, one_step_x0
+from ..sampling import guided_x0, one_step_x0, sample
 
 __all__ = ["Objective", "PerCoObjective", "StudentObjective", "regression_loss", "dmd_loss"]
 
@@ -53,6 +53,10 @@ class Objective:
 
     def prepare(self, accelerator) -> None:
         """Prepare the objective's own trained modules and optimizers, after the model's."""
+
+    def modules(self) -> list[nn.Module]:
+        """The objective's own trained modules (prepared), e.g. for the ranks' sync check."""
+        return []
 
     def __call__(
         self, trained: nn.Module, model: PerCo, batch: dict, generator, timesteps
@@ -156,6 +160,8 @@ class StudentObjective(Objective):
         lpips_weight: float = 1.0,
         lpips_net: str = "vgg",
         lpips_backbone: str | os.PathLike | None = None,
+        data_weight: float = 1.0,
+        distill_weight: float = 0.0,
         dmd_weight: float = 0.0,
         teacher: str | os.PathLike | None = None,
         critic_lr: float | None = None,
@@ -164,6 +170,7 @@ class StudentObjective(Objective):
     ):
         self.timestep, self.l1_weight, self.lpips_weight = timestep, l1_weight, lpips_weight
         self.lpips_net, self.lpips_backbone, self.lpips = lpips_net, lpips_backbone, None
+        self.data_weight, self.distill_weight = data_weight, distill_weight
         self.dmd_weight, self.teacher_path, self.critic_lr = dmd_weight, teacher, critic_lr
         self.dmd_timesteps, self.critic_updates = tuple(dmd_timesteps), critic_updates
         self.teacher = self.critic = self.critic_optimizer = self.accelerator = None
@@ -172,7 +179,8 @@ class StudentObjective(Objective):
         from ..models.student import one_step_student
 
         student = model if model.config.sampler == "one-step" else None
-        if self.dmd_weight:  # the frozen teacher: the starting model, or objective.teacher
+        if self.distill_weight or self.dmd_weight:  # the frozen teacher: the starting
+            # model, or objective.teacher
             self.teacher = model if student is None else self._load_teacher(student)
             self.teacher.requires_grad_(False).eval()
         if student is not None:  # a student already: train it further
@@ -184,8 +192,8 @@ class StudentObjective(Objective):
         from ..models.loading import load_model
 
         if self.teacher_path is None:
-            raise ValueError("init= is a one-step student: the distribution-matching term "
-                             "needs its teacher, objective.teacher=<its folder>")  # fmt: skip
+            raise ValueError("init= is a one-step student: the distillation terms need "
+                             "its teacher, objective.teacher=<its folder>")  # fmt: skip
         teacher = load_model(str(self.teacher_path), student.rate.name)
         if file_fingerprint(teacher).hex() != student.config.file_fingerprint:
             raise ValueError(f"objective.teacher={self.teacher_path} is not this student's "
@@ -204,11 +212,12 @@ class StudentObjective(Objective):
     def setup(self, trainer, device: torch.device) -> None:
         if self.lpips_weight:
             self.lpips = load_lpips(self.lpips_net, self.lpips_backbone).to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
         if self.dmd_weight:
             if trainer.grad_accum != 1:
                 raise ValueError("the distribution-matching term steps its critic every "
                                  "batch: trainer.grad_accum must be 1")  # fmt: skip
-            self.teacher.to(device)
             # the critic: a score model of the student's outputs, from the teacher's U-Net
             self.critic = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
             self.critic_optimizer = torch.optim.AdamW(
@@ -222,6 +231,9 @@ class StudentObjective(Objective):
             self.critic, self.critic_optimizer = accelerator.prepare(
                 self.critic, self.critic_optimizer
             )
+
+    def modules(self) -> list[nn.Module]:
+        return [] if self.critic is None else [self.critic]
 
     def __call__(self, trained, model, batch, generator, timesteps):
         images = batch.get("images")
@@ -240,16 +252,37 @@ class StudentObjective(Objective):
             text, null = model._context(batch["captions"], model._global(images)[0])
             text, null = model._append(text, local.tokens), model._append(null, local.tokens)
         sched = model.scheduler
-        noise = torch.randn(latents.shape, generator=generator)
-        noise = noise.to(latents.device, model.unet.dtype) * sched.init_noise_sigma
-        x0 = one_step_x0(trained, sched, noise, local.spatial, text, model.config.one_step_timestep)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, model.unet.dtype)
+        x0 = one_step_x0(trained, sched, noise * sched.init_noise_sigma, local.spatial, text,
+                         model.config.one_step_timestep)  # fmt: skip
         decoded = model.autoencoder.decode(x0).float()
         loss, terms = regression_loss(decoded, target, self.lpips, self.l1_weight,
                                       self.lpips_weight)  # fmt: skip
+        loss = self.data_weight * loss
+        if self.distill_weight:
+            paired = self._teacher_sample(noise, local.spatial, text, null)
+            distill, distill_terms = regression_loss(decoded, paired, self.lpips, self.l1_weight,
+                                                     self.lpips_weight)  # fmt: skip
+            loss = loss + self.distill_weight * distill
+            terms.update({k.replace("train/", "train/distill_"): v
+                          for k, v in distill_terms.items()})  # fmt: skip
         if self.critic is not None:
             dmd = self._distribution_matching(x0, local.spatial, text, null, generator, terms)
             loss = loss + self.dmd_weight * dmd
         return loss, terms
+
+    @torch.no_grad()
+    def _teacher_sample(self, noise, spatial, text, null) -> torch.Tensor:
+        """The frozen teacher's decoded image from the student's own noise, sampled as the
+        teacher decodes (its steps, guidance and scale): the target of paired distillation
+        (Luhman & Luhman 2021), which keeps each noise's detail where the regression on the
+        image alone averages it away."""
+        teacher = self.teacher
+        cfg = teacher.config
+        latents = sample(teacher.unet, teacher.scheduler, spatial, text, null,
+                         steps=teacher.default_steps, guidance=cfg.guidance,
+                         guidance_scale=cfg.guidance_scale, noise=noise)  # fmt: skip
+        return teacher.autoencoder.decode(latents).float().clamp(-1, 1)
 
     def _draw(self, x0, generator):
         """A noised copy of ``x0`` at a timestep drawn from ``dmd_timesteps``."""
