@@ -85,6 +85,7 @@ def test_eval_writes_csv_json_plot_and_grid_and_resumes(photos, tmp_path, assets
     res = doc["results"]
     assert res["steps"] == [2, 3] and len(res["bpp"]) == 2 and len(res["fid"]) == 2
     assert doc["protocol"]["fid_features"].startswith("alexnet")
+    assert len(res["lpips_vgg"]) == 2 and doc["protocol"]["lpips_vgg"] == "lpips v0.1 vgg"
     assert doc["protocol"]["images"] == 3 and doc["autoencoder_ceiling"]["psnr"] > 0
     assert "indicative" in doc["fid_note"]
     grid = load_image(folder / "grid.png")[0]  # labelled: column titles above, ids left

@@ -63,6 +63,22 @@ def test_lpips_is_zero_for_identical_images_and_ranks_jpeg_qualities(kodak, lpip
     assert (q5 > q50).all() and (q50 > 0).all()
 
 
+def test_lpips_vgg_is_a_second_column_beside_alexnet_and_ranks_jpeg_qualities(
+    kodak, lpips_alex, assets
+):
+    from perco.eval import Backbones
+    from perco.eval.metrics import Batch, compute
+
+    vgg = LPIPSDistance("vgg", assets / "lpips" / "vgg16_features.safetensors")
+    x = kodak[..., :256, :256]
+    q5, q50 = (compute(Batch(x, jpeg(x, q), Backbones(lpips_alex, lpips_vgg=vgg), [None] * 3))
+               for q in (5, 50))  # fmt: skip
+    assert (q5["lpips_vgg"] > q50["lpips_vgg"]).all() and (q50["lpips_vgg"] > 0).all()
+    assert not torch.allclose(q5["lpips_vgg"], q5["lpips"])  # its own network, not a copy
+    assert vgg(x, x).abs().max() < 1e-6
+    assert "lpips_vgg" not in compute(Batch(x, x, Backbones(lpips_alex), [None] * 3))
+
+
 def test_hific_patch_counts():
     # 768x512: 3x2 on the grid + 2x1 on the shifted grid = 8 (Kodak: 24 x 8 = 192)
     assert hific_patches(torch.zeros(2, 3, 512, 768)).shape == (16, 3, 256, 256)

@@ -69,8 +69,13 @@ def load_backbones(cfg, device) -> Backbones:
         from ..metrics.dists import DISTS
 
         dists = _backbone("DISTS VGG16 backbone", lambda: DISTS(cfg.dists.get("backbone")))
-    backbones = Backbones(lpips, features, clip, segmenter, dists)
-    for module in (lpips, features, clip, segmenter, dists):
+    lpips_vgg = None
+    if cfg.get("lpips_vgg"):
+        lpips_vgg = _backbone(
+            "LPIPS vgg backbone", lambda: LPIPSDistance("vgg", cfg.lpips_vgg.get("backbone"))
+        )
+    backbones = Backbones(lpips, features, clip, segmenter, dists, lpips_vgg)
+    for module in (lpips, features, clip, segmenter, dists, lpips_vgg):
         if module is not None:
             module.to(device)
     return backbones

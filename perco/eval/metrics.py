@@ -88,6 +88,8 @@ for _metric in (
     Metric("psnr", lambda b: {"psnr": psnr(b.x, b.y)}),
     Metric("ms_ssim", lambda b: {"ms_ssim": ms_ssim(b.x, b.y)}),
     Metric("lpips", lambda b: {"lpips": b.backbones.lpips(b.x, b.y)}, needs="lpips"),
+    Metric("lpips_vgg", lambda b: {"lpips_vgg": b.backbones.lpips_vgg(b.x, b.y)},
+           needs="lpips_vgg"),
     Metric("dists", lambda b: {"dists": b.backbones.dists(b.x, b.y)}, needs="dists"),
     Metric("colour", lambda b: colour_stats(b.x, b.y), ("delta_e2000", *COLOUR),
            table=("delta_e2000",)),

@@ -47,6 +47,7 @@ class Backbones:
     clip: torch.nn.Module | None = None
     segmenter: torch.nn.Module | None = None
     dists: torch.nn.Module | None = None
+    lpips_vgg: LPIPSDistance | None = None  # a second LPIPS column beside an AlexNet one
 
     def describe(self) -> dict:
         def name(m):
@@ -58,4 +59,5 @@ class Backbones:
             "clip": name(self.clip),
             "segmenter": name(self.segmenter),
             **({"dists": f"{name(self.dists)}, full resolution"} if self.dists else {}),
+            **({"lpips_vgg": "lpips v0.1 vgg"} if self.lpips_vgg else {}),
         }
