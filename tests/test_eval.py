@@ -68,6 +68,17 @@ def assert_close(a: dict, b: dict) -> None:
             assert values == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+def test_offline_vgg_metrics_add_lpips_on_vgg16_beside_alexnet(assets):
+    from perco.eval.cli import load_backbones
+
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
+        cfg = compose("eval", overrides=["metrics=offline_vgg"])
+    backbones = load_backbones(cfg.metrics, "cpu")
+    assert (backbones.lpips.net, backbones.lpips_vgg.net) == ("alex", "vgg")
+    assert backbones.dists is not None and backbones.features is not None  # offline's too
+    assert backbones.describe()["lpips_vgg"] == "lpips v0.1 vgg"
+
+
 def test_eval_writes_csv_json_plot_and_grid_and_resumes(photos, tmp_path, assets):
     out = tmp_path / "eval"
     doc = run(config(photos, out, "eval.samples=2", "eval.steps=[2,3]"))
@@ -85,7 +96,7 @@ def test_eval_writes_csv_json_plot_and_grid_and_resumes(photos, tmp_path, assets
     res = doc["results"]
     assert res["steps"] == [2, 3] and len(res["bpp"]) == 2 and len(res["fid"]) == 2
     assert doc["protocol"]["fid_features"].startswith("alexnet")
-    assert len(res["lpips_vgg"]) == 2 and doc["protocol"]["lpips_vgg"] == "lpips v0.1 vgg"
+    assert "lpips_vgg" not in res  # metrics=offline_vgg adds it
     assert doc["protocol"]["images"] == 3 and doc["autoencoder_ceiling"]["psnr"] > 0
     assert "indicative" in doc["fid_note"]
     grid = load_image(folder / "grid.png")[0]  # labelled: column titles above, ids left
