@@ -334,12 +334,15 @@ def format_table(doc: dict, columns: list[str] | None = None) -> str:
     ]  # fmt: skip
     rows = table_rows(doc)
     columns = [c for c in columns if any(c in r for r in rows.values())]
-    lines = [f"{doc['description']}", f"{'series':<14}" + "".join(f"{c:>12}" for c in columns)]
+    widths = [max(12, len(c) + 1) for c in columns]  # a space before every header
+    header = "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
+    lines = [f"{doc['description']}", f"{'series':<14}" + header]
 
-    def cell(v):
-        return f"{v:>12.4f}" if isinstance(v, float) and v == v else f"{'-':>12}"
+    def cell(v, w):
+        return f"{v:>{w}.4f}" if isinstance(v, float) and v == v else f"{'-':>{w}}"
 
     for name, row in rows.items():
         value = {**row, "bpp": row.get("bpp", row.get("bpp_file"))}
-        lines.append(f"{name:<14}" + "".join(cell(value.get(c)) for c in columns))
+        cells = (cell(value.get(c), w) for c, w in zip(columns, widths, strict=True))
+        lines.append(f"{name:<14}" + "".join(cells))
     return "\n".join(lines)
