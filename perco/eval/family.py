@@ -140,7 +140,8 @@ def evaluate_family(
     control = top.get("references", {}).get(CONTROL)
     if control:  # (an image alone in its size has no donor: no control without a pair)
         rows[f"control: {rates[-1]} from shuffled z_l ({control['images']} images)"] = control
-    columns = ["bpp_file", "bpp_payload", "bpp_uniform", *table_columns(), "fid", "kid", "miou"]
+    columns = ["bpp_file", "bpp_payload", "bpp_uniform", *table_columns(), "fid", "kid", "miou",
+               "diversity_lpips"]
     columns = [c for c in columns if any(isinstance(r.get(c), float) for r in rows.values())]
 
     image = data[0]["image"][None]
