@@ -27,7 +27,7 @@ from .bd import INTERPOLATION, bd_rate
 from .codecs import codec_label, rate_matched
 from .metrics import table_columns
 from .references import CONTROL
-from .results import jpeg_series
+from .results import SERIES_COLUMNS, jpeg_series
 from .runner import LatentCache, evaluate
 from .settings import Backbones, EvalSettings
 
@@ -140,8 +140,7 @@ def evaluate_family(
     control = top.get("references", {}).get(CONTROL)
     if control:  # (an image alone in its size has no donor: no control without a pair)
         rows[f"control: {rates[-1]} from shuffled z_l ({control['images']} images)"] = control
-    columns = ["bpp_file", "bpp_payload", "bpp_uniform", *table_columns(), "fid", "kid", "miou",
-               "diversity_lpips"]
+    columns = ["bpp_file", "bpp_payload", "bpp_uniform", *table_columns(), *SERIES_COLUMNS]
     columns = [c for c in columns if any(isinstance(r.get(c), float) for r in rows.values())]
 
     image = data[0]["image"][None]

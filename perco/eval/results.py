@@ -326,12 +326,13 @@ def table_rows(doc: dict) -> dict[str, dict]:
     return rows
 
 
+# what a printed table shows after the per-image metrics: the scores of a whole series
+SERIES_COLUMNS = ("fid", "kid", "miou", "diversity_lpips")
+
+
 def format_table(doc: dict, columns: list[str] | None = None) -> str:
     """The results as a plain-text table: one line per series, then ceiling and references."""
-    columns = columns or [
-        "bpp", "bpp_payload", "bpp_uniform", *table_columns(), "fid", "kid", "miou",
-        "diversity_lpips",
-    ]  # fmt: skip
+    columns = columns or ["bpp", "bpp_payload", "bpp_uniform", *table_columns(), *SERIES_COLUMNS]
     rows = table_rows(doc)
     columns = [c for c in columns if any(c in r for r in rows.values())]
     widths = [max(12, len(c) + 1) for c in columns]  # a space before every header
