@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -644,14 +645,55 @@ def test_the_dmd_term_has_the_gradient_of_the_score_difference():
     assert torch.count_nonzero(x0.grad) == 0
 
 
-def test_a_dmd_student_trains_its_critic_beside_it_and_resumes_exactly(
-    photo_folder, tmp_path, assets
-):
-    """Stage 2 from a stage-1 student (init=) and its teacher: the critic has its own
-    optimizer, is saved in every checkpoint, and a resumed run ends where an uninterrupted
-    one does, student and critic alike; a wrong teacher is refused."""
-    from safetensors.torch import load_file
+def test_the_adversarial_terms_are_the_hinge_losses_written_out():
+    """Hinge losses averaged over the heads, against numbers worked out by hand."""
+    from perco.train.adversarial import discriminator_loss, generator_loss
 
+    real = [torch.tensor([[0.5, 2.0, -1.0]]), torch.tensor([[1.0]])]
+    fake = [torch.tensor([[0.5, -2.0, 0.0]]), torch.tensor([[-1.0]])]
+    # head 1: relu(1 - real) = (0.5, 0, 2), relu(1 + fake) = (1.5, 0, 1): 5/6 + 5/6
+    # head 2: relu(1 - 1) = 0, relu(1 - 1) = 0
+    assert discriminator_loss(real, fake).item() == pytest.approx((5 / 3 + 0) / 2)
+    # -mean(fake): head 1 -(-1.5 / 3) = 0.5, head 2 1.0
+    assert generator_loss(fake).item() == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_the_discriminator_steps_on_detached_images_and_the_students_gradient_skips_it(assets):
+    """One call: the discriminator takes one optimizer step; the returned generator loss
+    sends gradient to the student's image and none to the discriminator's weights."""
+    from accelerate import Accelerator
+    from omegaconf import OmegaConf
+
+    from perco.train.objectives import StudentObjective
+
+    objective = StudentObjective(
+        lpips_backbone=assets / "lpips" / "vgg16_features.safetensors", adversarial_weight=1.0
+    )
+    trainer = OmegaConf.create(
+        {"lr": 1e-2, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_accum": 1}
+    )
+    objective.setup(trainer, torch.device("cpu"))
+    objective.prepare(Accelerator(cpu=True))
+    (heads,) = objective.modules()
+    before = [p.detach().clone() for p in heads.parameters()]
+    g = torch.Generator().manual_seed(0)
+    decoded = (torch.rand(2, 3, 64, 64, generator=g) * 2 - 1).requires_grad_(True)
+    target = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    terms = {}
+    objective._adversarial(decoded, target, terms).backward()
+    assert {"train/discriminator", "train/adversarial"} <= terms.keys()
+    assert all(not torch.equal(p, q) for p, q in zip(heads.parameters(), before, strict=True))
+    assert all(p.grad is None for p in heads.parameters())
+    assert decoded.grad is not None and decoded.grad.abs().sum() > 0
+
+
+def test_a_stage2_student_trains_its_critic_and_discriminator_beside_it_and_resumes_exactly(
+    photo_folder, tmp_path, assets, caplog
+):
+    """Stage 2 from a stage-1 student (init=) and its teacher, DMD and the adversarial term
+    together: the critic and the discriminator have their own optimizers, are saved in every
+    checkpoint, and a resumed run ends where an uninterrupted one does, student, critic and
+    discriminator alike; a wrong teacher is refused."""
     teacher = tiny_perco("r0.0059").eval()
     teacher.save_pretrained(tmp_path / "teacher")
     from perco.models.student import one_step_student
@@ -660,12 +702,14 @@ def test_a_dmd_student_trains_its_critic_beside_it_and_resumes_exactly(
     backbone = assets / "lpips" / "vgg16_features.safetensors"
     stage2 = ["objective=student", f"init={tmp_path / 'student'}",
               f"objective.teacher={tmp_path / 'teacher'}", "objective.dmd_weight=1.0",
+              "objective.adversarial_weight=0.1", "objective.disc_lr=1e-2",
               f"objective.lpips_backbone={backbone}", "trainer.sample_steps=null",
               "trainer.checkpoint_every=2", "trainer.checkpoint_total_limit=5"]  # fmt: skip
 
     def run(out, *extra):
         return train(compose_train(*tiny_overrides(photo_folder, out, *stage2, *extra)))
 
+    caplog.set_level(logging.INFO)
     summary = run(tmp_path / "a", "trainer.max_steps=4")
     assert summary["steps"] == 4
     run(tmp_path / "b", "trainer.max_steps=2")
@@ -673,16 +717,30 @@ def test_a_dmd_student_trains_its_critic_beside_it_and_resumes_exactly(
     a, b = (tmp_path / x / "tiny" / "r0.0059" for x in "ab")
     ours, theirs = (PerCo.from_pretrained(d / "model").unet.state_dict() for d in (a, b))
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    critics = [load_file(sorted((d / "checkpoints").glob("*"))[-1] / "model.safetensors")
-               for d in (a, b)]  # fmt: skip
+    critics, discriminators = ([trained_module(d, prefix) for d in (a, b)]
+                               for prefix in ("conv_in.", "heads."))  # fmt: skip
     assert critics[0].keys() == critics[1].keys() and len(critics[0]) > 10
     assert all(torch.equal(critics[0][k], critics[1][k]) for k in critics[0])
     start = teacher.unet.state_dict()  # the critic moved away from the teacher's U-Net
     assert any(not torch.equal(critics[0][k], start[k]) for k in critics[0] if k in start)
+    assert len(discriminators[0]) == 12  # 3 depths x 2 convolutions x (weight, bias)
+    assert all(torch.equal(discriminators[0][k], discriminators[1][k]) for k in discriminators[0])
+    assert "train/discriminator=" in caplog.text and "train/adversarial=" in caplog.text
 
     tiny_perco("r0.0059", seed=1).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="is not this student's teacher"):
         run(tmp_path / "c", "trainer.max_steps=1", f"objective.teacher={tmp_path / 'other'}")
+
+
+def trained_module(run, prefix):
+    """The weights, in the run's last checkpoint, of the one objective module whose keys
+    start with ``prefix`` (a critic: ``conv_in.``, a discriminator: ``heads.``)."""
+    from safetensors.torch import load_file
+
+    last = sorted((run / "checkpoints").glob("*"))[-1]
+    (found,) = [w for f in sorted(last.glob("model*.safetensors"))
+                if (w := load_file(f)) and next(iter(w)).startswith(prefix)]  # fmt: skip
+    return found
 
 
 def test_paper_onestep_trains_a_lora_student_of_a_saved_model_in_bf16(

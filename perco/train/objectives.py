@@ -12,17 +12,20 @@ parameters (:meth:`Objective.trainable`), and the loss of a batch with the scala
   teacher's encoder frozen, one U-Net call from noise at a fixed timestep, a regression
   loss in the decoder's pixel space (L1 + LPIPS-VGG through the frozen autoencoder), and
   with ``dmd_weight`` a distribution-matching term against the frozen multi-step teacher
-  (:func:`dmd_loss`), whose critic trains beside it with its own optimizer.
+  (:func:`dmd_loss`), whose critic trains beside it with its own optimizer, and with
+  ``adversarial_weight`` a feature discriminator's hinge loss
+  (:mod:`perco.train.adversarial`), the discriminator trained beside it likewise.
 
-An objective that trains modules of its own (a critic) puts them and their optimizers
-through ``accelerator.prepare`` in :meth:`Objective.prepare`: they are then DDP-wrapped
-and saved and restored with every checkpoint, as the model is.
+An objective that trains modules of its own (a critic, a discriminator) puts them and
+their optimizers through ``accelerator.prepare`` in :meth:`Objective.prepare`: they are
+then DDP-wrapped and saved and restored with every checkpoint, as the model is.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from torch import nn
 from ..losses import diffusion_target, load_lpips, x0_lpips
 from ..models.perco import PerCo
 from ..sampling import guided_x0, one_step_x0, sample
+from .adversarial import FeatureDiscriminator, backbone_features, discriminator_loss, generator_loss
 
 __all__ = ["Objective", "PerCoObjective", "StudentObjective", "regression_loss", "dmd_loss"]
 
@@ -148,7 +152,7 @@ class StudentObjective(Objective):
     (on latent data: on the autoencoder's decoding of the latent, its ceiling).
 
     Only the U-Net trains (``trainable`` mode as for PerCo: ``full``, ``linear`` or
-    ``lora``); it alone goes through ``accelerator.prepare``. The hyper-encoder,
+    ``lora``); of the model, it alone goes through ``accelerator.prepare``. The hyper-encoder,
     quantizer (in eval mode: no codebook updates), index prior and null text stay the
     teacher's, so the teacher's files decode with the student.
     """
@@ -167,13 +171,20 @@ class StudentObjective(Objective):
         critic_lr: float | None = None,
         critic_updates: int = 1,
         dmd_timesteps: tuple[int, int] = (20, 980),
+        adversarial_weight: float = 0.0,
+        disc_lr: float | None = None,
+        disc_depths: Sequence[int] = (1, 2, 3),
+        disc_width: int = 64,
     ):
         self.timestep, self.l1_weight, self.lpips_weight = timestep, l1_weight, lpips_weight
         self.lpips_net, self.lpips_backbone, self.lpips = lpips_net, lpips_backbone, None
         self.data_weight, self.distill_weight = data_weight, distill_weight
         self.dmd_weight, self.teacher_path, self.critic_lr = dmd_weight, teacher, critic_lr
         self.dmd_timesteps, self.critic_updates = tuple(dmd_timesteps), critic_updates
+        self.adversarial_weight, self.disc_lr = adversarial_weight, disc_lr
+        self.disc_depths, self.disc_width = tuple(disc_depths), disc_width
         self.teacher = self.critic = self.critic_optimizer = self.accelerator = None
+        self.features = self.discriminator = self.disc_optimizer = None
 
     def model(self, model: PerCo) -> PerCo:
         from ..models.student import one_step_student
@@ -214,26 +225,44 @@ class StudentObjective(Objective):
             self.lpips = load_lpips(self.lpips_net, self.lpips_backbone).to(device)
         if self.teacher is not None:
             self.teacher.to(device)
+        if (self.dmd_weight or self.adversarial_weight) and trainer.grad_accum != 1:
+            raise ValueError("the distribution-matching and adversarial terms step their "
+                             "critic or discriminator every batch: trainer.grad_accum "
+                             "must be 1")  # fmt: skip
         if self.dmd_weight:
-            if trainer.grad_accum != 1:
-                raise ValueError("the distribution-matching term steps its critic every "
-                                 "batch: trainer.grad_accum must be 1")  # fmt: skip
             # the critic: a score model of the student's outputs, from the teacher's U-Net
             self.critic = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
             self.critic_optimizer = torch.optim.AdamW(
                 self.critic.parameters(), lr=self.critic_lr or trainer.lr,
                 betas=tuple(trainer.betas), weight_decay=trainer.weight_decay,
             )  # fmt: skip
+        if self.adversarial_weight:  # frozen trunk: the LPIPS network's, or one of its own
+            self.features = self.lpips
+            if self.features is None:
+                self.features = load_lpips(self.lpips_net, self.lpips_backbone)
+            self.features.to(device)
+            probe = backbone_features(self.features, torch.zeros(1, 3, 64, 64, device=device),
+                                      self.disc_depths)  # fmt: skip
+            self.discriminator = FeatureDiscriminator([f.shape[1] for f in probe],
+                                                      self.disc_width).to(device)  # fmt: skip
+            self.disc_optimizer = torch.optim.AdamW(
+                self.discriminator.parameters(), lr=self.disc_lr or trainer.lr,
+                betas=tuple(trainer.betas), weight_decay=trainer.weight_decay,
+            )  # fmt: skip
 
     def prepare(self, accelerator) -> None:
+        self.accelerator = accelerator
         if self.critic is not None:
-            self.accelerator = accelerator
             self.critic, self.critic_optimizer = accelerator.prepare(
                 self.critic, self.critic_optimizer
             )
+        if self.discriminator is not None:
+            self.discriminator, self.disc_optimizer = accelerator.prepare(
+                self.discriminator, self.disc_optimizer
+            )
 
     def modules(self) -> list[nn.Module]:
-        return [] if self.critic is None else [self.critic]
+        return [m for m in (self.critic, self.discriminator) if m is not None]
 
     def __call__(self, trained, model, batch, generator, timesteps):
         images = batch.get("images")
@@ -269,6 +298,9 @@ class StudentObjective(Objective):
         if self.critic is not None:
             dmd = self._distribution_matching(x0, local.spatial, text, null, generator, terms)
             loss = loss + self.dmd_weight * dmd
+        if self.discriminator is not None:
+            adversarial = self._adversarial(decoded, target, terms)
+            loss = loss + self.adversarial_weight * adversarial
         return loss, terms
 
     @torch.no_grad()
@@ -315,3 +347,25 @@ class StudentObjective(Objective):
             self.critic_optimizer.zero_grad(set_to_none=True)
         terms["train/critic"] = critic_loss.detach()
         return dmd
+
+    def _adversarial(self, decoded, target, terms):
+        """One discriminator step on the image's and the (detached) student's features,
+        then the student's hinge loss against the updated discriminator, whose weights it
+        sees detached: its gradient reaches only the student."""
+        fake = backbone_features(self.features, decoded, self.disc_depths)
+        with torch.no_grad():
+            real = backbone_features(self.features, target, self.disc_depths)
+        pairs = zip(real, fake, strict=True)
+        both = self.discriminator([torch.cat([r, f.detach()]) for r, f in pairs])
+        halves = [logits.chunk(2) for logits in both]
+        disc_loss = discriminator_loss([r for r, _ in halves], [f for _, f in halves])
+        self.accelerator.backward(disc_loss)
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+
+        heads = self.accelerator.unwrap_model(self.discriminator)
+        frozen = {name: p.detach() for name, p in heads.named_parameters()}
+        adversarial = generator_loss(torch.func.functional_call(heads, frozen, (fake,)))
+        terms["train/discriminator"] = disc_loss.detach()
+        terms["train/adversarial"] = adversarial.detach()
+        return adversarial
