@@ -144,6 +144,17 @@ def dmd_loss(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> 
     return 0.5 * F.mse_loss(x0.float(), target.float(), reduction="sum") / x0.numel()
 
 
+def _own_adamw(module: nn.Module, lr: float | None, trainer) -> torch.optim.AdamW:
+    """The AdamW of a module an objective trains beside the model (a critic, a
+    discriminator): the trainer's betas and weight decay, ``lr`` or else the trainer's."""
+    return torch.optim.AdamW(
+        module.parameters(),
+        lr=lr or trainer.lr,
+        betas=tuple(trainer.betas),
+        weight_decay=trainer.weight_decay,
+    )
+
+
 class StudentObjective(Objective):
     """Stage 1 of a one-step student (:mod:`perco.models.student`): from the noise ``x_T``
     at ``timestep``, one U-Net call on the frozen encoder's conditions (the conditional
@@ -232,10 +243,7 @@ class StudentObjective(Objective):
         if self.dmd_weight:
             # the critic: a score model of the student's outputs, from the teacher's U-Net
             self.critic = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
-            self.critic_optimizer = torch.optim.AdamW(
-                self.critic.parameters(), lr=self.critic_lr or trainer.lr,
-                betas=tuple(trainer.betas), weight_decay=trainer.weight_decay,
-            )  # fmt: skip
+            self.critic_optimizer = _own_adamw(self.critic, self.critic_lr, trainer)
         if self.adversarial_weight:  # frozen trunk: the LPIPS network's, or one of its own
             self.features = self.lpips
             if self.features is None:
@@ -245,10 +253,7 @@ class StudentObjective(Objective):
                                       self.disc_depths)  # fmt: skip
             self.discriminator = FeatureDiscriminator([f.shape[1] for f in probe],
                                                       self.disc_width).to(device)  # fmt: skip
-            self.disc_optimizer = torch.optim.AdamW(
-                self.discriminator.parameters(), lr=self.disc_lr or trainer.lr,
-                betas=tuple(trainer.betas), weight_decay=trainer.weight_decay,
-            )  # fmt: skip
+            self.disc_optimizer = _own_adamw(self.discriminator, self.disc_lr, trainer)
 
     def prepare(self, accelerator) -> None:
         self.accelerator = accelerator
