@@ -13,7 +13,7 @@ ultra-low bitrates", ICLR 2024). The public API:
 from pathlib import Path
 
 from .models.config import PerCoConfig
-from .models.loading import load_model
+from .models.loading import load_model, load_models
 from .models.perco import PerCo
 from .rates import RATES, Rate, get_rate, index_bits
 from .types import EncodedImages, PerCoLoss, QuantizerOutput
@@ -29,6 +29,7 @@ __all__ = [
     "PerCo",
     "PerCoConfig",
     "load_model",
+    "load_models",
     "RATES",
     "Rate",
     "get_rate",

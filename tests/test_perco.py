@@ -81,6 +81,30 @@ def test_save_and_load_round_trip(model, images, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
 
 
+def test_load_models_shares_the_parts_several_rungs_hold_alike(images, tmp_path):
+    """A sweep's rungs share their identical autoencoder and text encoder, not U-Nets that
+    differ; and sharing changes no output."""
+    from perco import load_models
+
+    low, high = tiny_perco("r0.0019").eval(), tiny_perco("r0.0059").eval()
+    with torch.no_grad():
+        high.unet.conv_out.bias.add_(0.1)  # trained apart
+    for model in (low, high):
+        model.save_pretrained(tmp_path / model.rate.name / "model")
+    models = load_models(str(tmp_path), ["r0.0019", "r0.0059"])
+    a, b = models.values()
+    assert a.autoencoder is b.autoencoder and a.text_encoder is b.text_encoder
+    assert a.unet is not b.unet
+    enc = low.encode(images)
+    expected = low.decode(enc, steps=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.decode(enc, steps=2), expected, strict=True))
+
+    high.unet.load_state_dict(low.unet.state_dict())  # one U-Net for both: held once
+    high.save_pretrained(tmp_path / "r0.0059" / "model")
+    a, b = load_models(str(tmp_path), ["r0.0019", "r0.0059"]).values()
+    assert a.unet is b.unet
+
+
 def test_save_replaces_an_existing_checkpoint_whole(model, tmp_path):
     target = tmp_path / "ckpt"
     model.save_pretrained(target)

@@ -114,7 +114,7 @@ def run(cfg) -> dict | None:
     from accelerate import PartialState
 
     from ..data.eval_sets import load_eval_set
-    from ..models.loading import load_model
+    from ..models.loading import load_model, load_models
     from .family import evaluate_family
     from .runner import evaluate
 
@@ -142,8 +142,8 @@ def run(cfg) -> dict | None:
             f"must differ from each other and from name={cfg.name}"
         )
     if rates:
-        models = {r: load_model(str(cfg.checkpoint), r).to(device) for r in rates}
-        others = {label: {r: load_model(folder, r).to(device) for r in rates}
+        models = {r: m.to(device) for r, m in load_models(str(cfg.checkpoint), rates).items()}
+        others = {label: {r: m.to(device) for r, m in load_models(folder, rates).items()}
                   for label, folder in compare.items()}  # fmt: skip
         repeats = int(cfg.eval.get("timing_repeats") or 0)
         return evaluate_family(models, data, settings, backbones, cfg.output_dir, cfg.name,

@@ -4,7 +4,7 @@ from .autoencoders import AUTOENCODERS, Autoencoder, SDAutoencoder
 from .config import PerCoConfig
 from .hyper_encoder import HyperEncoder
 from .index_prior import ContextPrior, IndexPrior, UniformPrior
-from .loading import load_model
+from .loading import load_model, load_models
 from .perco import Capability, PerCo
 from .quantizer import VectorQuantizer
 from .taesd import TinyAutoencoder
@@ -24,6 +24,7 @@ __all__ = [
     "PerCoConfig",
     "Capability",
     "load_model",
+    "load_models",
     "VectorQuantizer",
     "NullTextEmbedding",
     "linear_parameter_share",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from ..fingerprint import fingerprint
 from .perco import PerCo
 from .serialization import CONFIG_NAME
 
-__all__ = ["load_model", "model_folder", "TINY"]
+__all__ = ["load_model", "load_models", "model_folder", "SHAREABLE", "TINY"]
 
 TINY = "tiny"
 
@@ -36,6 +38,26 @@ def load_model(spec: str, rate: str | None = None) -> PerCo:
     if rate and model.rate.name != rate:
         raise ValueError(f"model {spec} is at {model.rate.name}, not {rate}")
     return model
+
+
+# the parts several rungs may hold alike: a sweep's frozen autoencoder and text encoder,
+# a multi-rate student's U-Net
+SHAREABLE = ("unet", "autoencoder", "text_encoder")
+
+
+def load_models(spec: str, rates: Sequence[str]) -> dict[str, PerCo]:
+    """:func:`load_model` at each of ``rates``, the rungs sharing one module for each part
+    of :data:`SHAREABLE` whose weights are the same in several: serving a sweep then
+    holds its frozen autoencoder and text encoder once, and a multi-rate student
+    (:class:`perco.train.objectives.MultiRateStudentObjective`) its U-Net too."""
+    models, held = {}, {}
+    for rate in rates:
+        model = load_model(spec, rate)
+        for name in SHAREABLE:
+            part = getattr(model, name)
+            setattr(model, name, held.setdefault((name, fingerprint({name: part}, {})), part))
+        models[rate] = model
+    return models
 
 
 def model_folder(spec: str, rate: str | None = None) -> Path:
