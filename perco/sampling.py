@@ -230,14 +230,17 @@ def one_step(
     return one_step_x0(unet, scheduler, noise, spatial, text, timestep).to(dtype)
 
 
-def one_step_x0(unet, scheduler, noise, spatial, text, timestep: int) -> torch.Tensor:
-    """One U-Net call on the conditional branch at the fixed ``timestep`` from ``noise``
-    (whose dtype the inputs take), and the clean latent its prediction implies
+def one_step_x0(
+    unet, scheduler, noise, spatial, text, timestep: int | torch.Tensor
+) -> torch.Tensor:
+    """One U-Net call on the conditional branch at the fixed ``timestep`` (or one per
+    sample: a multi-rate student's batch mixes rungs) from ``noise`` (whose dtype the
+    inputs take), and the clean latent its prediction implies
     (:func:`perco.losses.predicted_x0`, float32). With gradients: a student's decoding
     and its training step (where ``unet`` may be the DDP-wrapped U-Net) both call it."""
     from .losses import predicted_x0
 
-    t = torch.full((len(noise),), timestep, device=noise.device, dtype=torch.long)
+    t = torch.as_tensor(timestep, device=noise.device, dtype=torch.long).expand(len(noise))
     unet_in = torch.cat([noise, spatial.to(noise.dtype)], dim=1)
     pred = unet(unet_in, t, text.to(noise.dtype)).sample
     return predicted_x0(scheduler, noise, pred, t)

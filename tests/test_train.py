@@ -612,6 +612,48 @@ def test_a_one_step_student_trains_its_unet_only_and_decodes_the_teachers_files(
     assert calls == [1] and decoded.shape == (3, 64, 64)
 
 
+def test_a_multi_rate_student_trains_one_unet_that_decodes_every_rungs_files(
+    photo_folder, tmp_path, assets
+):
+    """MultiRateStudentObjective from a teacher sweep: one run writes a student per rung,
+    each with its teacher's files and its own pseudo-timestep and all with the same
+    U-Net, which load_models then holds once; each decodes its teacher's file."""
+    from perco import codec, load_models
+
+    sweep = tmp_path / "sweep"
+    rates = ["r0.0019", "r0.0059"]
+    teachers = {rate: tiny_perco(rate, seed=i).eval() for i, rate in enumerate(rates)}
+    for rate, teacher in teachers.items():
+        teacher.save_pretrained(sweep / rate / "model")
+    backbone = assets / "lpips" / "vgg16_features.safetensors"
+    overrides = ["objective=student", "rate=r0.0059", f"init={sweep}",
+                 "objective._target_=perco.train.objectives.MultiRateStudentObjective",
+                 f"+objective.sweep={sweep}", "+objective.timesteps={r0.0019:999,r0.0059:899}",
+                 "objective.distill_weight=1.0", "objective.adversarial_weight=0.1",
+                 f"objective.lpips_backbone={backbone}", "trainer.sample_steps=null"]  # fmt: skip
+    out = tmp_path / "runs"
+    summary = train(compose_train(*tiny_overrides(photo_folder, out, "trainer.max_steps=2",
+                                                  *overrides)))  # fmt: skip
+    assert summary["steps"] == 2 and summary["rate"] == "r0.0059"
+    students = load_models(str(out / "tiny"), rates)
+    assert students["r0.0019"].unet is students["r0.0059"].unet  # served with one U-Net
+    start = teachers["r0.0059"].unet.state_dict()  # the run's rung's U-Net started it
+    moved = students["r0.0019"].unet.state_dict()
+    assert any(not torch.equal(p, start[k]) for k, p in moved.items())
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for (rate, student), timestep in zip(students.items(), (999, 899), strict=True):
+        teacher = teachers[rate]
+        assert student.config.sampler == "one-step"
+        assert student.config.one_step_timestep == timestep
+        assert codec.file_fingerprint(student) == teacher.fingerprint
+        for name in ("hyper_encoder", "quantizer", "null_text"):
+            ours, theirs = getattr(student, name).state_dict(), getattr(teacher, name).state_dict()
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs), (rate, name)
+        ((data, _),) = codec.compress(teacher, image, ["a photo"])
+        (decoded,) = codec.decompress(student, [codec.parse(student, data)[0]])
+        assert decoded.shape == (3, 64, 64) and torch.isfinite(decoded).all()
+
+
 def test_the_8bit_optimizer_is_a_clear_error_without_cuda_and_a_bad_name_too():
     from omegaconf import OmegaConf
 

@@ -495,7 +495,7 @@ def train(cfg: DictConfig) -> dict:
         ema.copy_to(params)  # the exported model carries the averaged weights
         summary["ema_decay"] = tc.ema_decay
     if main:
-        unwrapped.save_pretrained(out / "model")
+        objective.export(unwrapped, out)  # <run>/model (a multi-rate student: each rung)
         text = json.dumps(summary, indent=2) + "\n"
         atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
         log.info("done: %s", json.dumps(summary))

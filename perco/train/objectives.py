@@ -14,7 +14,9 @@ parameters (:meth:`Objective.trainable`), and the loss of a batch with the scala
   with ``dmd_weight`` a distribution-matching term against the frozen multi-step teacher
   (:func:`dmd_loss`), whose critic trains beside it with its own optimizer, and with
   ``adversarial_weight`` a feature discriminator's hinge loss
-  (:mod:`perco.train.adversarial`), the discriminator trained beside it likewise.
+  (:mod:`perco.train.adversarial`), the discriminator trained beside it likewise;
+* :class:`MultiRateStudentObjective` — one student U-Net for every rung of a teacher
+  sweep, each rung at its own fixed timestep, the rungs stacked in each U-Net call.
 
 An objective that trains modules of its own (a critic, a discriminator) puts them and
 their optimizers through ``accelerator.prepare`` in :meth:`Objective.prepare`: they are
@@ -24,8 +26,10 @@ then DDP-wrapped and saved and restored with every checkpoint, as the model is.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +40,17 @@ from ..models.perco import PerCo
 from ..sampling import guided_x0, one_step_x0, sample
 from .adversarial import FeatureDiscriminator, backbone_features, discriminator_loss, generator_loss
 
-__all__ = ["Objective", "PerCoObjective", "StudentObjective", "regression_loss", "dmd_loss"]
+__all__ = [
+    "Objective",
+    "PerCoObjective",
+    "StudentObjective",
+    "MultiRateStudentObjective",
+    "regression_loss",
+    "dmd_loss",
+]
 
 Terms = dict[str, torch.Tensor]
+log = logging.getLogger("perco.train")
 
 
 class Objective:
@@ -61,6 +73,10 @@ class Objective:
     def modules(self) -> list[nn.Module]:
         """The objective's own trained modules (prepared), e.g. for the ranks' sync check."""
         return []
+
+    def export(self, model: PerCo, out: Path) -> None:
+        """Write the trained model(s) at the end of the run ``out`` (its ``model/``)."""
+        model.save_pretrained(out / "model")
 
     def __call__(
         self, trained: nn.Module, model: PerCo, batch: dict, generator, timesteps
@@ -269,52 +285,77 @@ class StudentObjective(Objective):
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.critic, self.discriminator) if m is not None]
 
-    def __call__(self, trained, model, batch, generator, timesteps):
+    def rungs(self, model: PerCo) -> list[tuple[PerCo, PerCo | None]]:
+        """``(student, its frozen teacher)`` per rung the trained U-Net decodes: here the
+        run's model alone (the teacher: None without a distillation term)."""
+        return [(model, self.teacher)]
+
+    @staticmethod
+    @torch.no_grad()
+    def conditions(model: PerCo, batch: dict) -> tuple[torch.Tensor, ...]:
+        """``(latents, target image in [-1, 1], spatial, text, null text)`` of a batch
+        under ``model``'s frozen encoder (on latent data the target is the autoencoder's
+        decoding of the latent, the student's ceiling)."""
         images = batch.get("images")
-        with torch.no_grad():
-            if images is not None:
-                images = images.to(model.device)
-                padded = model._pad(images)
-                latents = model._latents(padded)
-                target = padded * 2 - 1
-            else:
-                latents = batch["latents"].to(model.device, model.unet.dtype)
-                padded = None
-                target = model.autoencoder.decode(latents).float().clamp(-1, 1)
-            codes = model._quantize(latents, padded).codes
-            local = model._local(codes, latents.shape[-2:])
-            text, null = model._context(batch["captions"], model._global(images)[0])
-            text, null = model._append(text, local.tokens), model._append(null, local.tokens)
+        if images is not None:
+            images = images.to(model.device)
+            padded = model._pad(images)
+            latents = model._latents(padded)
+            target = padded * 2 - 1
+        else:
+            latents = batch["latents"].to(model.device, model.unet.dtype)
+            padded = None
+            target = model.autoencoder.decode(latents).float().clamp(-1, 1)
+        codes = model._quantize(latents, padded).codes
+        local = model._local(codes, latents.shape[-2:])
+        text, null = model._context(batch["captions"], model._global(images)[0])
+        text, null = model._append(text, local.tokens), model._append(null, local.tokens)
+        return latents, target, local.spatial, text, null
+
+    def __call__(self, trained, model, batch, generator, timesteps):
+        rungs = self.rungs(model)  # one U-Net call for all: the rungs stacked on the batch
+        per_rung = zip(*[self.conditions(student, batch) for student, _ in rungs], strict=True)
+        try:
+            latents, target, spatial, text, null = (torch.cat(c) for c in per_rung)
+        except RuntimeError as e:
+            raise ValueError("the rungs' conditions differ in shape: give crops whose "
+                             "size every rung's cell divides") from e  # fmt: skip
+        size = len(latents) // len(rungs)
+        steps = torch.tensor([student.config.one_step_timestep for student, _ in rungs])
         sched = model.scheduler
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, model.unet.dtype)
-        x0 = one_step_x0(trained, sched, noise * sched.init_noise_sigma, local.spatial, text,
-                         model.config.one_step_timestep)  # fmt: skip
-        decoded = model.autoencoder.decode(x0).float()
+        x0 = one_step_x0(trained, sched, noise * sched.init_noise_sigma, spatial, text,
+                         steps.repeat_interleave(size))  # fmt: skip
+        parts = zip(rungs, x0.split(size), strict=True)
+        decoded = torch.cat([student.autoencoder.decode(part).float()
+                             for (student, _), part in parts])  # fmt: skip
         loss, terms = regression_loss(decoded, target, self.lpips, self.l1_weight,
                                       self.lpips_weight)  # fmt: skip
         loss = self.data_weight * loss
         if self.distill_weight:
-            paired = self._teacher_sample(noise, local.spatial, text, null)
+            chunks = zip(rungs, *(t.split(size) for t in (noise, spatial, text, null)), strict=True)
+            paired = torch.cat([self._teacher_sample(teacher, *rest)
+                                for (_, teacher), *rest in chunks])  # fmt: skip
             distill, distill_terms = regression_loss(decoded, paired, self.lpips, self.l1_weight,
                                                      self.lpips_weight)  # fmt: skip
             loss = loss + self.distill_weight * distill
             terms.update({k.replace("train/", "train/distill_"): v
                           for k, v in distill_terms.items()})  # fmt: skip
         if self.critic is not None:
-            dmd = self._distribution_matching(x0, local.spatial, text, null, generator, terms)
+            dmd = self._distribution_matching(x0, spatial, text, null, generator, terms)
             loss = loss + self.dmd_weight * dmd
         if self.discriminator is not None:
             adversarial = self._adversarial(decoded, target, terms)
             loss = loss + self.adversarial_weight * adversarial
         return loss, terms
 
+    @staticmethod
     @torch.no_grad()
-    def _teacher_sample(self, noise, spatial, text, null) -> torch.Tensor:
+    def _teacher_sample(teacher, noise, spatial, text, null) -> torch.Tensor:
         """The frozen teacher's decoded image from the student's own noise, sampled as the
         teacher decodes (its steps, guidance and scale): the target of paired distillation
         (Luhman & Luhman 2021), which keeps each noise's detail where the regression on the
         image alone averages it away."""
-        teacher = self.teacher
         cfg = teacher.config
         latents = sample(teacher.unet, teacher.scheduler, spatial, text, null,
                          steps=teacher.default_steps, guidance=cfg.guidance,
@@ -374,3 +415,77 @@ class StudentObjective(Objective):
         terms["train/discriminator"] = disc_loss.detach()
         terms["train/adversarial"] = adversarial.detach()
         return adversarial
+
+
+class MultiRateStudentObjective(StudentObjective):
+    """One student U-Net for every rung of a teacher sweep (OSCAR's multi-rate decoder):
+    each rung keeps its teacher's frozen encoder, files and null text, and is told apart
+    by its own fixed timestep (OSCAR's "pseudo-timestep", ``timesteps``: rate → t), the
+    one conditioning input a one-step student has left free. Every batch goes through
+    each rung's encoder and the U-Net's one call takes the rungs stacked, so a step
+    costs what a step of each per-rung student would together.
+
+    The run's rung (``rate=``, from ``init=``) is the model the loop trains, validates
+    and checkpoints; its U-Net is the one the other rungs share, so a checkpoint holds all
+    that trains, and the other rungs' frozen parts come back from ``sweep`` on resume.
+    :meth:`export` writes each rung's student where a per-rung sweep would, so
+    :func:`perco.models.loading.load_model` finds them and
+    :func:`perco.models.loading.load_models` serves them with one U-Net. No distribution
+    matching (its critic and teacher score are per rung). ``timesteps`` replaces the
+    single ``timestep`` of a per-rung student.
+    """
+
+    def __init__(self, sweep: str | os.PathLike, timesteps: dict[str, int], **student):
+        super().__init__(**student)
+        if self.dmd_weight:
+            raise ValueError("a multi-rate student has no distribution-matching term: "
+                             "objective.dmd_weight must be 0")  # fmt: skip
+        self.sweep, self.timesteps = str(sweep), {str(r): int(t) for r, t in timesteps.items()}
+        self.others: list[tuple[PerCo, PerCo | None]] = []
+
+    def model(self, model: PerCo) -> PerCo:
+        from ..models.loading import load_model
+        from ..models.student import one_step_student
+
+        if model.config.sampler == "one-step":
+            raise ValueError("init= is a one-step student: a multi-rate student starts "
+                             "from a teacher sweep")  # fmt: skip
+        own = model.rate.name
+        if own not in self.timesteps:
+            raise ValueError(f"rate={own} is not one of objective.timesteps "
+                             f"({', '.join(self.timesteps)})")  # fmt: skip
+        self.timestep = self.timesteps[own]
+        student = super().model(model)
+        for rate, timestep in self.timesteps.items():
+            if rate == own:
+                continue
+            teacher = load_model(self.sweep, rate).requires_grad_(False)
+            other = one_step_student(teacher, timestep).requires_grad_(False).eval()
+            self.others.append((other, teacher if self.distill_weight else None))
+        log.info("multi-rate student: one U-Net (from %s's) for %s", own,
+                 ", ".join(f"{r} at t={t}" for r, t in self.timesteps.items()))  # fmt: skip
+        return student
+
+    def trainable(self, model: PerCo, mode: str, **options) -> tuple[nn.Module, list]:
+        trained, params = super().trainable(model, mode, **options)
+        for other, _ in self.others:  # the U-Net as set up for training (LoRA-wrapped)
+            other.unet = model.unet
+        return trained, params
+
+    def setup(self, trainer, device: torch.device) -> None:
+        super().setup(trainer, device)
+        for other, teacher in self.others:
+            other.to(device)
+            if teacher is not None:
+                teacher.to(device)
+
+    def rungs(self, model: PerCo) -> list[tuple[PerCo, PerCo | None]]:
+        return [(model, self.teacher), *self.others]
+
+    def export(self, model: PerCo, out: Path) -> None:
+        """Each rung's student in ``<run>/../<rate>/model``: the run's own in its folder,
+        the others beside it, as ``perco-train -m`` lays out a sweep."""
+        super().export(model, out)
+        for other, _ in self.others:
+            other.forget_fingerprint()
+            other.save_pretrained(out.parent / other.rate.name / "model")
