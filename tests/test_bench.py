@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT
 
 
@@ -141,3 +142,32 @@ def test_bench_integrity_refuses_every_cut_and_extension(tmp_path, assets):
         assert int(v4.split("/")[0]) >= 8 and crc == "12/12"  # cuts and appends: 4 x 2
         cut_half, cut_one, _, _, appended, _ = per.split()
         assert cut_half == cut_one == appended == "2/2"
+
+
+def test_bench_multirate_counts_one_unet_for_a_multi_rate_students_rungs(tmp_path):
+    """Two rungs' folders as per-rung students (U-Nets apart) and as a multi-rate student
+    (one U-Net): the table holds two U-Nets and one, and the SD 2.1 rows save one U-Net."""
+    from perco.models.student import one_step_student
+    from perco.testing import tiny_perco
+
+    shared = tiny_perco("r0.0019").unet.state_dict()
+    for rate in ("r0.0019", "r0.0059"):
+        student = one_step_student(tiny_perco(rate))
+        student.unet.load_state_dict(shared)
+        student.save_pretrained(tmp_path / "multi" / rate / "model")
+        with torch.no_grad():
+            student.unet.conv_out.bias.add_(float(rate[1:]))
+        student.save_pretrained(tmp_path / "apart" / rate / "model")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_multirate.py"), "--quick",
+         "--per-rung", str(tmp_path / "apart"), "--multirate", str(tmp_path / "multi"),
+         "--rates", "r0.0019", "r0.0059"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in done.stdout.splitlines() if line.startswith("| ")][1:]  # fmt: skip
+    assert [r[2] for r in rows] == ["2", "1", "2", "2", "1"]  # U-Nets held
+    gb = [float(r[4]) for r in rows]
+    assert gb[1] < gb[0] and gb[2] > gb[3] > gb[4]
+    assert "SD 2.1, 2 rungs: one U-Net saves" in done.stdout
