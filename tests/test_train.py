@@ -612,6 +612,26 @@ def test_a_one_step_student_trains_its_unet_only_and_decodes_the_teachers_files(
     assert calls == [1] and decoded.shape == (3, 64, 64)
 
 
+def tiny_sweep(folder, rates):
+    """A teacher sweep as ``perco-train -m`` writes one: a model per rung, the rungs with
+    their own U-Nets and encoders and one frozen autoencoder."""
+    teachers = {rate: tiny_perco(rate, seed=i).eval() for i, rate in enumerate(rates)}
+    for rate, teacher in teachers.items():
+        teacher.autoencoder = teachers[rates[0]].autoencoder
+        teacher.save_pretrained(folder / rate / "model")
+    return teachers
+
+
+def multi_rate_overrides(sweep, assets):
+    """A multi-rate student of ``sweep``'s r0.0019 and r0.0059, the run at r0.0059."""
+    backbone = assets / "lpips" / "vgg16_features.safetensors"
+    return ["objective=student", "rate=r0.0059", f"init={sweep}",
+            "objective._target_=perco.train.objectives.MultiRateStudentObjective",
+            f"+objective.sweep={sweep}", "+objective.timesteps={r0.0019:999,r0.0059:899}",
+            "objective.distill_weight=1.0", "objective.adversarial_weight=0.1",
+            f"objective.lpips_backbone={backbone}", "trainer.sample_steps=null"]  # fmt: skip
+
+
 def test_a_multi_rate_student_trains_one_unet_that_decodes_every_rungs_files(
     photo_folder, tmp_path, assets
 ):
@@ -622,15 +642,8 @@ def test_a_multi_rate_student_trains_one_unet_that_decodes_every_rungs_files(
 
     sweep = tmp_path / "sweep"
     rates = ["r0.0019", "r0.0059"]
-    teachers = {rate: tiny_perco(rate, seed=i).eval() for i, rate in enumerate(rates)}
-    for rate, teacher in teachers.items():
-        teacher.save_pretrained(sweep / rate / "model")
-    backbone = assets / "lpips" / "vgg16_features.safetensors"
-    overrides = ["objective=student", "rate=r0.0059", f"init={sweep}",
-                 "objective._target_=perco.train.objectives.MultiRateStudentObjective",
-                 f"+objective.sweep={sweep}", "+objective.timesteps={r0.0019:999,r0.0059:899}",
-                 "objective.distill_weight=1.0", "objective.adversarial_weight=0.1",
-                 f"objective.lpips_backbone={backbone}", "trainer.sample_steps=null"]  # fmt: skip
+    teachers = tiny_sweep(sweep, rates)
+    overrides = multi_rate_overrides(sweep, assets)
     out = tmp_path / "runs"
     summary = train(compose_train(*tiny_overrides(photo_folder, out, "trainer.max_steps=2",
                                                   *overrides)))  # fmt: skip
@@ -652,6 +665,20 @@ def test_a_multi_rate_student_trains_one_unet_that_decodes_every_rungs_files(
         ((data, _),) = codec.compress(teacher, image, ["a photo"])
         (decoded,) = codec.decompress(student, [codec.parse(student, data)[0]])
         assert decoded.shape == (3, 64, 64) and torch.isfinite(decoded).all()
+
+
+def test_a_multi_rate_student_refuses_rungs_in_different_latent_spaces(tmp_path):
+    """One U-Net cannot decode two autoencoders' latents: teachers whose autoencoders
+    differ are a clear error before any training."""
+    from perco import load_model
+    from perco.train.objectives import MultiRateStudentObjective
+
+    rates = ["r0.0019", "r0.0059"]
+    for i, rate in enumerate(rates):
+        tiny_perco(rate, seed=i).save_pretrained(tmp_path / rate / "model")
+    objective = MultiRateStudentObjective(tmp_path, {"r0.0019": 999, "r0.0059": 899})
+    with pytest.raises(ValueError, match="r0.0019's autoencoder is not r0.0059's"):
+        objective.model(load_model(str(tmp_path), "r0.0059"))
 
 
 def test_the_8bit_optimizer_is_a_clear_error_without_cuda_and_a_bad_name_too():

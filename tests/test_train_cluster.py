@@ -16,7 +16,14 @@ import pytest
 import torch
 from conftest import entry_point
 from test_shards import SIZES, write_unequal_shards
-from test_train import _weights, compose_train, tiny_overrides, trained_module
+from test_train import (
+    _weights,
+    compose_train,
+    multi_rate_overrides,
+    tiny_overrides,
+    tiny_sweep,
+    trained_module,
+)
 
 from perco.train import CheckpointError, checkpoint_status, train
 from perco.train.checkpoints import Failpoint
@@ -307,3 +314,33 @@ def test_a_student_trains_on_two_processes_on_shards_and_resumes_mid_epoch_exact
     assert any(not torch.equal(trained[k], teacher[k]) for k in teacher if k.startswith("unet"))
     assert all(torch.equal(trained[k], teacher[k]) for k in teacher
                if k.startswith(("hyper_encoder", "quantizer")))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_multi_rate_student_trains_on_two_processes_on_shards_and_resumes_exactly(
+    shards, tmp_path, assets
+):
+    """MultiRateStudentObjective as users run it: 2 gloo processes on shards, paired
+    distillation and the discriminator on, the rungs stacked in each DDP call of the one
+    U-Net. Ranks end in sync, and a run resumed mid-epoch writes every rung's student as
+    the uninterrupted run does: the other rungs' students hold the resumed shared U-Net."""
+    sweep = tmp_path / "sweep"
+    tiny_sweep(sweep, ["r0.0019", RATE])
+    student = (*multi_rate_overrides(sweep, assets), "trainer.checkpoint_every=2")
+    last = (*student, "trainer.max_steps=4")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "a", *last)))
+    summary = json.loads((run_dir(tmp_path / "a") / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["steps"] == 4
+    first = (*student, "trainer.max_steps=2")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "b", *first)))
+    resume = (*last, "trainer.resume=latest")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "b", *resume)))
+    for rung in (RATE, "r0.0019"):
+        a, b = (tmp_path / d / "tiny" / rung for d in "ab")
+        assert_same_weights(a, b)
+    ours, other = (_weights(tmp_path / "a" / "tiny" / r / "model") for r in (RATE, "r0.0019"))
+    assert all(torch.equal(ours[k], other[k]) for k in ours if k.startswith("unet"))
+    heads = [trained_module(run_dir(tmp_path / d), "heads.") for d in "ab"]  # discriminator
+    assert heads[0].keys() == heads[1].keys() and heads[0]
+    for key in heads[0]:
+        torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -24,12 +25,17 @@ __all__ = ["one_step_student", "ENCODER_PARTS", "freeze_encoder"]
 ENCODER_PARTS = ("autoencoder", "hyper_encoder", "quantizer", "index_prior")
 
 
-def one_step_student(teacher: PerCo, timestep: int = 999) -> PerCo:
+def one_step_student(
+    teacher: PerCo, timestep: int = 999, parts: Mapping[str, nn.Module] | None = None
+) -> PerCo:
     """A copy of ``teacher`` that decodes in one U-Net call at ``timestep``, from noise,
-    without a guidance pass; its files are the teacher's."""
+    without a guidance pass; its files are the teacher's. ``parts`` (name → module): what
+    the student holds instead of a copy of the teacher's part, uncopied (a multi-rate
+    student's U-Net and autoencoder, shared by its rungs)."""
     from ..codec import file_fingerprint
 
-    student = copy.deepcopy(teacher)
+    memo = {id(getattr(teacher, name)): part for name, part in (parts or {}).items()}
+    student = copy.deepcopy(teacher, memo)
     student.config = dataclasses.replace(
         teacher.config,
         sampler="one-step",

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fingerprint import fingerprint
 from ..losses import diffusion_target, load_lpips, x0_lpips
 from ..models.perco import PerCo
 from ..sampling import guided_x0, one_step_x0, sample
@@ -292,45 +293,51 @@ class StudentObjective(Objective):
 
     @staticmethod
     @torch.no_grad()
-    def conditions(model: PerCo, batch: dict) -> tuple[torch.Tensor, ...]:
-        """``(latents, target image in [-1, 1], spatial, text, null text)`` of a batch
-        under ``model``'s frozen encoder (on latent data the target is the autoencoder's
-        decoding of the latent, the student's ceiling)."""
+    def targets(
+        model: PerCo, batch: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(latents, target image in [-1, 1], padded images or None)`` of a batch under
+        ``model``'s frozen autoencoder (on latent data the target is the autoencoder's
+        decoding of the latent, the student's ceiling). The rungs of a multi-rate student
+        share the autoencoder, so this runs once a batch, not once a rung."""
         images = batch.get("images")
-        if images is not None:
-            images = images.to(model.device)
-            padded = model._pad(images)
-            latents = model._latents(padded)
-            target = padded * 2 - 1
-        else:
+        if images is None:
             latents = batch["latents"].to(model.device, model.unet.dtype)
-            padded = None
-            target = model.autoencoder.decode(latents).float().clamp(-1, 1)
+            return latents, model.autoencoder.decode(latents).float().clamp(-1, 1), None
+        padded = model._pad(images.to(model.device))
+        return model._latents(padded), padded * 2 - 1, padded
+
+    @staticmethod
+    @torch.no_grad()
+    def conditions(
+        model: PerCo, batch: dict, latents: torch.Tensor, padded: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """``(spatial, text, null text)``: the U-Net's conditions of a batch's ``latents``
+        (and ``padded`` images, from :meth:`targets`) under ``model``'s frozen encoder."""
+        if padded is not None and model.padded_size(*padded.shape[-2:]) != padded.shape[-2:]:
+            raise ValueError(f"{model.rate.name}'s cell does not divide the crops "
+                             f"({tuple(padded.shape[-2:])}): give crops whose size every "
+                             "rung's cell divides")  # fmt: skip
         codes = model._quantize(latents, padded).codes
         local = model._local(codes, latents.shape[-2:])
+        images = batch.get("images")
         text, null = model._context(batch["captions"], model._global(images)[0])
-        text, null = model._append(text, local.tokens), model._append(null, local.tokens)
-        return latents, target, local.spatial, text, null
+        return local.spatial, model._append(text, local.tokens), model._append(null, local.tokens)
 
     def __call__(self, trained, model, batch, generator, timesteps):
         rungs = self.rungs(model)  # one U-Net call for all: the rungs stacked on the batch
-        per_rung = zip(*[self.conditions(student, batch) for student, _ in rungs], strict=True)
-        try:
-            latents, target, spatial, text, null = (torch.cat(c) for c in per_rung)
-        except RuntimeError as e:
-            raise ValueError("the rungs' conditions differ in shape: give crops whose "
-                             "size every rung's cell divides") from e  # fmt: skip
-        size = len(latents) // len(rungs)
+        latents, target, padded = self.targets(model, batch)
+        per_rung = [self.conditions(student, batch, latents, padded) for student, _ in rungs]
+        spatial, text, null = (torch.cat(c) for c in zip(*per_rung, strict=True))
+        size, sched = len(latents), model.scheduler
         steps = torch.tensor([student.config.one_step_timestep for student, _ in rungs])
-        sched = model.scheduler
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, model.unet.dtype)
+        shape = (len(rungs) * size, *latents.shape[1:])
+        noise = torch.randn(shape, generator=generator).to(latents.device, model.unet.dtype)
         x0 = one_step_x0(trained, sched, noise * sched.init_noise_sigma, spatial, text,
                          steps.repeat_interleave(size))  # fmt: skip
-        parts = zip(rungs, x0.split(size), strict=True)
-        decoded = torch.cat([student.autoencoder.decode(part).float()
-                             for (student, _), part in parts])  # fmt: skip
-        loss, terms = regression_loss(decoded, target, self.lpips, self.l1_weight,
-                                      self.lpips_weight)  # fmt: skip
+        decoded = model.autoencoder.decode(x0).float()
+        loss, terms = regression_loss(decoded, target.repeat(len(rungs), 1, 1, 1), self.lpips,
+                                      self.l1_weight, self.lpips_weight)  # fmt: skip
         loss = self.data_weight * loss
         if self.distill_weight:
             chunks = zip(rungs, *(t.split(size) for t in (noise, spatial, text, null)), strict=True)
@@ -397,12 +404,15 @@ class StudentObjective(Objective):
     def _adversarial(self, decoded, target, terms):
         """One discriminator step on the image's and the (detached) student's features,
         then the student's hinge loss against the updated discriminator, whose weights it
-        sees detached: its gradient reaches only the student."""
+        sees detached: its gradient reaches only the student. ``decoded`` holds each rung's
+        decoding of the batch in turn, ``target`` the batch's images once."""
         fake = backbone_features(self.features, decoded, self.disc_depths)
         with torch.no_grad():
             real = backbone_features(self.features, target, self.disc_depths)
+        rungs = len(decoded) // len(target)
         pairs = zip(real, fake, strict=True)
-        both = self.discriminator([torch.cat([r, f.detach()]) for r, f in pairs])
+        both = self.discriminator([torch.cat([r.repeat(rungs, 1, 1, 1), f.detach()])
+                                   for r, f in pairs])  # fmt: skip
         halves = [logits.chunk(2) for logits in both]
         disc_loss = discriminator_loss([r for r, _ in halves], [f for _, f in halves])
         self.accelerator.backward(disc_loss)
@@ -456,11 +466,17 @@ class MultiRateStudentObjective(StudentObjective):
                              f"({', '.join(self.timesteps)})")  # fmt: skip
         self.timestep = self.timesteps[own]
         student = super().model(model)
+        shared = {"unet": student.unet, "autoencoder": student.autoencoder}
+        latent_space = fingerprint({"autoencoder": student.autoencoder}, {})
         for rate, timestep in self.timesteps.items():
             if rate == own:
                 continue
             teacher = load_model(self.sweep, rate).requires_grad_(False)
-            other = one_step_student(teacher, timestep).requires_grad_(False).eval()
+            if fingerprint({"autoencoder": teacher.autoencoder}, {}) != latent_space:
+                raise ValueError(f"{rate}'s autoencoder is not {own}'s: the rungs of a "
+                                 "multi-rate student share one latent space")  # fmt: skip
+            teacher.autoencoder = student.autoencoder
+            other = one_step_student(teacher, timestep, parts=shared).eval()
             self.others.append((other, teacher if self.distill_weight else None))
         log.info("multi-rate student: one U-Net (from %s's) for %s", own,
                  ", ".join(f"{r} at t={t}" for r, t in self.timesteps.items()))  # fmt: skip
