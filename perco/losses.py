@@ -41,13 +41,15 @@ def diffusion_loss(
     snr: torch.Tensor | None = None,
     snr_gamma: float | None = None,
     v_prediction: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample loss of a prediction ``error`` (``(B, C, h, w)``, prediction − target).
 
     ``factor``: :func:`metric_factor` of the latent metric (``None``: plain MSE).
     ``lowpass_weight``: weight of the same loss on the error averaged over
     ``lowpass_size²`` windows. ``snr`` with ``snr_gamma``: Min-SNR-γ weighting (Hang et
-    al. 2023), ``min(SNR, γ)`` in x0 terms.
+    al. 2023), ``min(SNR, γ)`` in x0 terms. ``weights``: a weight per sample (a flow
+    model's, :func:`~diffusers.training_utils.compute_loss_weighting_for_sd3`).
     """
     if factor is not None:
         error = torch.einsum("cd,bdhw->bchw", factor.to(error.device), error)
@@ -57,6 +59,8 @@ def diffusion_loss(
         per_sample = per_sample + lowpass_weight * regional.pow(2).mean(dim=(1, 2, 3))
     if snr_gamma:
         per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr + 1 if v_prediction else snr)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample)
     return per_sample
 
 

@@ -13,9 +13,13 @@ Guidance modes (paper eq. 5 and Table 1):
   all-zero ``z_l``;
 * ``"none"`` — the conditional branch alone.
 
-The two branches are stacked on the batch axis and go through the U-Net together, so a
-step costs one U-Net call whatever the mode. Guidance is linear, so it applies alike to
-ε- and v-predictions; the scheduler's ``prediction_type`` takes care of the rest.
+The two branches are stacked on the batch axis and go through the denoiser together, so
+a step costs one denoiser call whatever the mode. Guidance is linear, so it applies alike
+to ε-, v- and flow-velocity predictions; the scheduler's family
+(:func:`perco.schedules.schedule_for`) takes care of the rest: DDIM steps on a DDPM
+schedule, Euler steps (``FlowMatchEulerDiscreteScheduler``) on a flow one. The denoiser
+is called through its backbone (:func:`perco.models.backbones.predict`): a U-Net or a
+transformer, plain or wrapped (DDP).
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from .models.backbones import backbone_of, predict, unwrap
+from .schedules import schedule_for
 
 __all__ = [
     "GuidanceMode",
@@ -84,8 +91,11 @@ class OneStepSampler(Sampler):
 
 def with_spacing(scheduler: SchedulerMixin, timestep_spacing: str | None) -> SchedulerMixin:
     """``scheduler``, or a copy with another timestep spacing (None: its own)."""
-    if timestep_spacing in (None, scheduler.config.timestep_spacing):
+    if timestep_spacing in (None, scheduler.config.get("timestep_spacing")):
         return scheduler
+    if "timestep_spacing" not in scheduler.config:
+        raise ValueError(f"timestep_spacing is a setting of DDPM-family schedulers, not of "
+                         f"{type(scheduler).__name__}")  # fmt: skip
     if timestep_spacing not in ("leading", "trailing", "linspace"):
         raise ValueError(
             f"timestep_spacing must be leading, trailing or linspace, not {timestep_spacing!r}"
@@ -117,7 +127,7 @@ def sampler_for(
 
 @torch.no_grad()
 def sample(
-    unet: UNet2DConditionModel,
+    unet: nn.Module,
     scheduler: SchedulerMixin,
     spatial: torch.Tensor,
     text: torch.Tensor,
@@ -132,9 +142,10 @@ def sample(
     """Sample latents conditioned on ``spatial`` (``z_l`` on the latent grid) and text.
 
     Args:
-        unet: U-Net whose ``conv_in`` takes ``latent + spatial`` channels.
-        scheduler: any diffusers scheduler; a fresh copy is made from its config, so the
-            caller's instance is never mutated.
+        unet: the denoiser (a U-Net, a transformer of a known backbone) whose input layer
+            takes ``latent + spatial`` channels.
+        scheduler: a DDPM-family or flow-matching Euler scheduler; a fresh copy is made
+            from its config, so the caller's instance is never mutated.
         spatial: ``(B, C_z, H, W)`` local conditioning already upsampled to the latent grid.
         text: ``(B, L, D)`` caption embeddings.
         null_text: ``(B, L, D)`` null-text embeddings.
@@ -153,25 +164,26 @@ def sample(
     if guidance not in GUIDANCE_MODES:
         raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
     batch, _, height, width = spatial.shape
-    dtype = unet.dtype
-    scheduler = type(scheduler).from_config(scheduler.config)
-    scheduler.set_timesteps(steps, device=spatial.device)
+    core, schedule = unwrap(unet), schedule_for(scheduler)
+    backbone, dtype = backbone_of(core), core.dtype
+    mu = backbone.mu(core, (height, width), steps)
+    scheduler = schedule.set_timesteps(steps, spatial.device, mu=mu)
     if noise is None:
-        noise = randn_tensor((batch, unet.config.out_channels, height, width),
+        noise = randn_tensor((batch, backbone.out_channels(core), height, width),
                              generator=generator, device=spatial.device, dtype=dtype)  # fmt: skip
-    latents = noise.to(spatial.device, dtype) * scheduler.init_noise_sigma
+    latents = schedule.start(noise.to(spatial.device, dtype), scheduler)
 
     branches = _Branches(spatial, text, null_text, guidance, guidance_scale, dtype)
     step_kwargs = {"generator": generator} if _accepts(scheduler.step, "generator") else {}
     for t in scheduler.timesteps:
-        pred = branches.predict(unet, scheduler.scale_model_input(latents, t), t)
+        pred = branches.predict(unet, schedule.scale_input(scheduler, latents, t), t)
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return latents
 
 
 class _Branches:
-    """The conditional and (with guidance) unconditional inputs of one batched U-Net call,
-    and the guided prediction ``uncond + λ (cond − uncond)`` (eq. 5)."""
+    """The conditional and (with guidance) unconditional inputs of one batched denoiser
+    call, and the guided prediction ``uncond + λ (cond − uncond)`` (eq. 5)."""
 
     def __init__(self, spatial, text, null_text, guidance, scale, dtype):
         spatial = spatial.to(dtype)
@@ -185,7 +197,7 @@ class _Branches:
 
     def predict(self, unet, latents: torch.Tensor, t) -> torch.Tensor:
         model_in = latents.to(self.spatial.dtype).repeat(self.n, 1, 1, 1)
-        pred = unet(torch.cat([model_in, self.spatial], dim=1), t, self.context).sample
+        pred = predict(unet, model_in, self.spatial, t, self.context)
         if self.n == 1:
             return pred
         uncond, cond = pred.chunk(2)
@@ -199,11 +211,9 @@ def guided_x0(
     ``timesteps`` implies: what its sampler steps towards there. A one-step student's
     distribution-matching loss asks it of the frozen teacher (the real score) and of the
     trained critic (the fake one)."""
-    from .losses import predicted_x0
-
     branches = _Branches(spatial, text, null_text, guidance, guidance_scale, noisy.dtype)
     t = timesteps.repeat(branches.n)
-    return predicted_x0(scheduler, noisy, branches.predict(unet, noisy, t), timesteps)
+    return schedule_for(scheduler).x0(noisy, branches.predict(unet, noisy, t), timesteps)
 
 
 def _accepts(fn, name: str) -> bool:
@@ -212,7 +222,7 @@ def _accepts(fn, name: str) -> bool:
 
 @torch.no_grad()
 def one_step(
-    unet: UNet2DConditionModel,
+    unet: nn.Module,
     scheduler: SchedulerMixin,
     spatial: torch.Tensor,
     text: torch.Tensor,
@@ -223,24 +233,22 @@ def one_step(
     """A student's decoding: noise ``x_T`` (seeded per image, as :func:`sample` draws it)
     and :func:`one_step_x0`."""
     batch, _, height, width = spatial.shape
-    dtype = unet.dtype
-    noise = randn_tensor((batch, unet.config.out_channels, height, width), generator=generator,
+    core = unwrap(unet)
+    dtype, channels = core.dtype, backbone_of(core).out_channels(core)
+    noise = randn_tensor((batch, channels, height, width), generator=generator,
                          device=spatial.device, dtype=dtype)  # fmt: skip
-    noise = noise * scheduler.init_noise_sigma
+    noise = schedule_for(scheduler).start(noise)
     return one_step_x0(unet, scheduler, noise, spatial, text, timestep).to(dtype)
 
 
 def one_step_x0(
     unet, scheduler, noise, spatial, text, timestep: int | torch.Tensor
 ) -> torch.Tensor:
-    """One U-Net call on the conditional branch at the fixed ``timestep`` (or one per
+    """One denoiser call on the conditional branch at the fixed ``timestep`` (or one per
     sample: a multi-rate student's batch mixes rungs) from ``noise`` (whose dtype the
-    inputs take), and the clean latent its prediction implies
-    (:func:`perco.losses.predicted_x0`, float32). With gradients: a student's decoding
-    and its training step (where ``unet`` may be the DDP-wrapped U-Net) both call it."""
-    from .losses import predicted_x0
-
-    t = torch.as_tensor(timestep, device=noise.device, dtype=torch.long).expand(len(noise))
-    unet_in = torch.cat([noise, spatial.to(noise.dtype)], dim=1)
-    pred = unet(unet_in, t, text.to(noise.dtype)).sample
-    return predicted_x0(scheduler, noise, pred, t)
+    inputs take), and the clean latent its prediction implies (float32; on a flow schedule
+    at ``t = 1000``: ``x0 = x_1 − v``). With gradients: a student's decoding and its
+    training step (where ``unet`` may be the DDP-wrapped denoiser) both call it."""
+    schedule = schedule_for(scheduler)
+    t = schedule.timesteps(timestep, len(noise), noise.device)
+    return schedule.x0(noise, predict(unet, noise, spatial, t, text), t)

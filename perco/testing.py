@@ -37,6 +37,7 @@ __all__ = [
     "clip_tokenizer",
     "tiny_components",
     "tiny_perco",
+    "tiny_flux2_perco",
     "save_tiny_stable_diffusion",
     "SD21_CONFIGS",
     "sd21_config",
@@ -145,6 +146,24 @@ def tiny_perco(
     return variant_class(variant).from_components(
         c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"], rate, **kwargs
     )
+
+
+def tiny_flux2_perco(rate: str | Rate = "r0.0019", seed: int = 0, **kwargs) -> PerCo:
+    """A tiny PerCo on the FLUX.2 backbone with rectified flow: the tiny SD-shaped VAE and
+    text encoder of :func:`tiny_components`, a one-double-block, one-single-block
+    ``Flux2Transformer2DModel`` of width 32 and a FLUX.2-style flow scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .models.backbones.flux2 import FLOW_SCHEDULER, new_transformer
+
+    c = tiny_components(seed)
+    transformer = new_transformer(4, width=32, head_dim=16, double_blocks=1, single_blocks=1,
+                                  text_dim=TEXT_DIM, time_channels=32, seed=seed)  # fmt: skip
+    kwargs.setdefault("hyper_encoder", TINY_HYPER_ENCODER)
+    kwargs.setdefault("quantizer", TINY_QUANTIZER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER)
+    return PerCo.from_components(c["vae"], transformer, c["text_encoder"], c["tokenizer"],
+                                 scheduler, rate, **kwargs)  # fmt: skip
 
 
 def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 
 from .rates import Rate
 
-__all__ = ["QuantizerOutput", "EncodedImages", "PerCoLoss"]
+__all__ = ["QuantizerOutput", "EncodedImages", "PerCoLoss", "Local", "Capability"]
 
 
 @dataclass
@@ -89,3 +90,28 @@ class PerCoLoss:
     usage: torch.Tensor
     x0: torch.Tensor
     image: torch.Tensor | None = None
+
+
+class Capability(enum.Flag):
+    """What a model variant can do besides PerCo's encode, decode and loss; callers ask
+    ``model.capabilities`` instead of probing for methods."""
+
+    NONE = 0
+    COARSE = enum.auto()  # coarse(encoded): a one-pass pixel preview (SPRDiff-style)
+    GLOBAL_CODEBOOKS = enum.auto()  # fit_global_codebooks(...) before training (PerCo-Image)
+
+
+@dataclass
+class Local:
+    """What the coded hyper-latent gives the U-Net.
+
+    Attributes:
+        spatial: channels concatenated to ``x_t`` on the latent grid.
+        tokens: extra cross-attention tokens derived from ``z_l`` (kept in both guidance
+            branches), or ``None``.
+        coarse: a coarse RGB reconstruction ``(B, 3, H, W)`` (SPRDiff-style), or ``None``.
+    """
+
+    spatial: torch.Tensor
+    tokens: torch.Tensor | None = None
+    coarse: torch.Tensor | None = None

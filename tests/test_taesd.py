@@ -170,3 +170,40 @@ def test_the_ablations_train_and_evaluate_on_the_small_real_model(assets, tmp_pa
         assert math.isnan(doc["results"]["bpp_payload"][0])
     else:  # no z_l, no captions here: nothing is coded
         assert doc["results"]["bpp_payload"][0] == 0
+
+
+def test_the_transformer_experiment_trains_and_evaluates_on_the_small_real_model(assets, tmp_path):
+    """experiment=tiny_taef2_flux2 (a FLUX.2 transformer, rectified flow) through
+    perco-train and perco-eval, as the U-Net's; the protocol says what ran."""
+    from hydra import compose, initialize_config_dir
+
+    from perco.eval import run
+    from perco.train import train
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((assets / "bsds500" / "train").glob("*.jpg"))[:2]:
+        (photos / p.name).symlink_to(p.resolve())
+    overrides = [
+        "experiment=tiny_taef2_flux2", "rate=r0.0098", f"paths.assets_dir={assets.resolve()}",
+        f"paths.output_dir={tmp_path / 'runs'}", f"model.folders=[{photos}]",
+        f"model.latent_cache={tmp_path / 'cache.safetensors'}", "model.denoiser.width=32",
+        "model.denoiser.head_dim=16", "model.denoiser.double_blocks=1",
+        "model.denoiser.single_blocks=1", "trainer.max_steps=6", "trainer.batch_size=2",
+        "trainer.val_every=3", "trainer.tensorboard=false", "trainer.sample_steps=2",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        summary = train(compose("train", overrides=overrides))
+        assert summary["steps"] == 6 and summary["ranks_in_sync"]
+        folder = [
+            "dataset=folder", f"dataset.root={photos}", "metrics=offline", "metrics.patch_size=64",
+            f"paths.assets_dir={assets.resolve()}", f"output_dir={tmp_path / 'eval'}",
+            f"checkpoint={tmp_path / 'runs' / 'tiny_taef2_flux2'}", "rate=r0.0098",
+            "eval.steps=[2]", "eval.ceiling=false",
+        ]  # fmt: skip
+        doc = run(compose("eval", overrides=folder))
+    model = PerCo.from_pretrained(tmp_path / "runs" / "tiny_taef2_flux2" / "r0.0098" / "model")
+    assert model.backbone.name == "flux2" and model.schedule.name == "flow"
+    assert doc["protocol"]["backbone"] == "flux2"
+    assert "rectified flow" in doc["protocol"]["scheduler"]
+    assert doc["results"]["psnr"][0] > 5 and doc["results"]["bpp_file"][0] > 0

@@ -83,8 +83,9 @@ def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
     small = {"hyper_encoder": {"channels": 16, "out_channels": 32}}
     # tiny_taef2* (real TAEF2 weights from the assets) are covered in test_taesd.py
     variants = ["perco_image", "sprdiff_style", "tiny_taef2_image", "tiny_taef2_sprdiff"]
+    transformers = ["tiny_flux2", "tiny_taef2_flux2"]
     assert _options("model") == sorted(
-        ["sd15", "sd21", "sd21-base", "tiny", "tiny_taef2", *variants]
+        ["sd15", "sd21", "sd21-base", "tiny", "tiny_taef2", *variants, *transformers]
     )
     from perco.testing import save_tiny_open_clip
 
@@ -98,9 +99,9 @@ def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
         torch.save(MeanScaleHyperprior(N=8, M=12).state_dict(), tmp_path / "g_a.pth")
         g_a = f"mbt2018-mean:{tmp_path}/g_a.pth"
         stand_ins["sprdiff_style"] = {"semantic": clip, "distortion": g_a}
-    for name in ["sd15", "sd21", "sd21-base", "tiny", *stand_ins]:
+    for name in ["sd15", "sd21", "sd21-base", "tiny", "tiny_flux2", *stand_ins]:
         cfg = compose_train(f"model={name}", "rate=r0.0059")
-        if name != "tiny":  # the real loader on a tiny local SD folder instead of the hub
+        if not name.startswith("tiny"):  # the real loader, on a tiny local SD folder
             assert cfg.model.pretrained.count("/") == 1
             cfg.model.pretrained = str(sd)
             cfg.model.hyper_encoder = small["hyper_encoder"]

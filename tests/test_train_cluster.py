@@ -113,6 +113,24 @@ def test_two_processes_resume_mid_epoch_on_shards_exactly(shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_transformer_trains_on_two_processes_on_shards_and_resumes_exactly(shards, tmp_path):
+    """The FLUX.2 backbone with rectified flow on the cluster path: 2 gloo ranks on shards
+    stay in sync, and a run resumed mid-epoch ends with the uninterrupted run's weights."""
+    model = ("model=tiny_flux2",)
+    last = (*model, "trainer.max_steps=8", "trainer.checkpoint_every=4")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "a", *last)))
+    first = (*model, "trainer.max_steps=4", "trainer.checkpoint_every=4")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "b", *first)))
+    resume = (*last, "trainer.resume=latest")
+    run(torchrun("-m", "perco.train.cli", *shard_overrides(shards, tmp_path / "b", *resume)))
+    summary = json.loads((run_dir(tmp_path / "b") / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["steps"] == 8
+    assert_same_weights(run_dir(tmp_path / "a"), run_dir(tmp_path / "b"))
+    saved = json.loads((run_dir(tmp_path / "a") / "model" / "perco.json").read_text())
+    assert saved["backbone"] == "flux2"
+
+
+@pytest.mark.slow
 def test_two_processes_train_a_distilling_dmd_student_on_shards_and_resume_exactly(
     shards, tmp_path, assets
 ):

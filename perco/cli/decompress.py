@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model = model_from_arguments(args)
     if args.compile:  # in place: the module, its weights and the fingerprint stay the same
-        model.unet.compile()
+        model.denoiser.compile()
     if args.coarse and not model.capabilities & Capability.COARSE:
         raise ValueError(f"--coarse needs an SPRDiff-style model; this one is {model.variant}")
     report, timer = Report(), StageTimer()

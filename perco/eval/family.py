@@ -57,7 +57,7 @@ def time_codec(
                 def decode(n=n, guidance=guidance):
                     return model.decode(encoded, steps=n, guidance=guidance)
 
-                counter = CallCounter(model.unet)
+                counter = CallCounter(model.denoiser)
                 decode()
                 counter.remove()
                 rows[row] = {"encode s": encode, "decode s": repeat(decode, repeats),

@@ -88,7 +88,7 @@ DRAW = "a draw from the VAE posterior, seeded per image (PerCo (SD)), not its me
 
 def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Backbones) -> dict:
     """Everything a results table must state (DESIGN: evaluation protocol)."""
-    sched = model.sampler(settings.timestep_spacing).config
+    sched = model.sampler(settings.timestep_spacing)
     references = {}
     if settings.jpeg:
         references["jpeg_qualities"] = list(settings.jpeg)
@@ -108,7 +108,8 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
     sampler = {}
     if model.config.sampler == "one-step":  # absent for DDIM: older protocols unchanged
         sampler["sampler"] = (
-            f"one-step student: one U-Net call at t = {model.config.one_step_timestep} from "
+            f"one-step student: one {model.backbone.label} call at t = "
+            f"{model.config.one_step_timestep} from "
             f"noise, no guidance pass; decodes model {model.config.file_fingerprint[:4]}'s files"
         )
     prior = {}
@@ -127,8 +128,8 @@ def protocol(model: PerCo, data: EvalSet, settings: EvalSettings, backbones: Bac
         **prior,
         **({"ablation": ABLATIONS[model.config.local]} if model.config.local in ABLATIONS else {}),
         "model_fingerprint": model.fingerprint.hex(),
-        "scheduler": f"{type(model.scheduler).__name__} ({sched.prediction_type}, "
-        f"{sched.timestep_spacing} spacing)",
+        **model.backbone.settings,  # absent for the U-Net: older protocols unchanged
+        "scheduler": model.schedule.describe(sched),
         **sampler,
         "steps": [s or model.default_steps for s in settings.steps],
         "guidance": settings.guidance or model.config.guidance,

@@ -11,66 +11,44 @@ at ultra-low bitrates", ICLR 2024. Data flow (paper Fig. 2)::
     z_g ─ text encoder ─► cross-attention ───────────────────►    × T steps, CFG on text
                                                                ─► latent ─ D ─► image
 
-Training (eq. 3–4): the diffusion loss of the U-Net prediction (ε or v, as the
-scheduler says) plus the quantizer's commitment loss; the autoencoder is frozen.
+Training (eq. 3–4): the diffusion loss of the denoiser's prediction (ε or v on a DDPM
+schedule, the velocity with rectified flow: :mod:`perco.schedules`) plus the quantizer's
+commitment loss; the autoencoder is frozen. The denoiser is a U-Net (the paper) or a
+transformer (:mod:`perco.models.backbones`); nothing here asks which.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..fingerprint import fingerprint
-from ..losses import diffusion_loss, diffusion_target, metric_factor, predicted_x0
+from ..losses import diffusion_loss, metric_factor
 from ..rates import Rate, hyper_latent_size
 from ..sampling import GuidanceMode, sampler_for, with_spacing
+from ..schedules import FlowTimesteps, NoiseSchedule, schedule_for
 from ..timing import StageTimer, stage
-from ..types import EncodedImages, PerCoLoss, QuantizerOutput
+from ..types import Capability, EncodedImages, Local, PerCoLoss, QuantizerOutput
 from .autoencoders import Autoencoder, SDAutoencoder
+from .backbones import BACKBONES, Backbone, backbone_named, backbone_of
 from .config import ADDED_LATER, PerCoConfig
 from .hyper_encoder import HyperEncoder
 from .index_prior import ContextPrior, IndexPrior, UniformPrior
 from .quantizer import VectorQuantizer
 from .serialization import load, save
-from .text import NullTextEmbedding, check_tokenizer, drop_captions, encode_captions
-from .unet_adapter import widen_conv_in
+from .text import NullTextEmbedding, drop_captions, encode_captions
 
 __all__ = ["PerCo", "PerCoConfig", "Local", "Capability"]
 
+# the attributes a denoiser may be passed as (``PerCo(**dict(model.named_children()))``)
+_DENOISER_NAMES = tuple(backbone_named(name).attribute for name in BACKBONES)
+
 Trainable = Literal["linear", "full", "lora", "none"]
-
-
-class Capability(enum.Flag):
-    """What a model variant can do besides PerCo's encode, decode and loss; callers ask
-    ``model.capabilities`` instead of probing for methods."""
-
-    NONE = 0
-    COARSE = enum.auto()  # coarse(encoded): a one-pass pixel preview (SPRDiff-style)
-    GLOBAL_CODEBOOKS = enum.auto()  # fit_global_codebooks(...) before training (PerCo-Image)
-
-
-@dataclass
-class Local:
-    """What the coded hyper-latent gives the U-Net.
-
-    Attributes:
-        spatial: channels concatenated to ``x_t`` on the latent grid.
-        tokens: extra cross-attention tokens derived from ``z_l`` (kept in both guidance
-            branches), or ``None``.
-        coarse: a coarse RGB reconstruction ``(B, 3, H, W)`` (SPRDiff-style), or ``None``.
-    """
-
-    spatial: torch.Tensor
-    tokens: torch.Tensor | None = None
-    coarse: torch.Tensor | None = None
 
 
 class PerCo(nn.Module):
@@ -80,6 +58,10 @@ class PerCo(nn.Module):
     and quantizer), :meth:`from_components`, or load a saved one with
     :meth:`from_pretrained`. Images are ``(B, 3, H, W)`` in ``[0, 1]`` of any size: they
     are padded to :attr:`pad_multiple` and cropped back after decoding.
+
+    The denoiser is held under its backbone's name (``unet``, ``transformer``), as in a
+    diffusers pipeline folder: ``PerCo(..., unet=...)`` or ``transformer=...`` or the fourth
+    positional argument; :attr:`denoiser` is it whatever its family.
     """
 
     variant = "perco"
@@ -90,15 +72,21 @@ class PerCo(nn.Module):
         autoencoder: Autoencoder,
         hyper_encoder: HyperEncoder,
         quantizer: VectorQuantizer,
-        unet: UNet2DConditionModel,
-        text_encoder: nn.Module,
-        tokenizer,
-        null_text: NullTextEmbedding,
-        scheduler,
-        config: PerCoConfig,
+        denoiser: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer=None,
+        null_text: NullTextEmbedding | None = None,
+        scheduler=None,
+        config: PerCoConfig | None = None,
         **components: nn.Module,
     ):
         super().__init__()
+        named = [components.pop(n) for n in _DENOISER_NAMES if n in components]
+        denoisers = named + ([] if denoiser is None else [denoiser])
+        parts = (text_encoder, tokenizer, null_text, scheduler, config)
+        if len(denoisers) != 1 or any(part is None for part in parts):
+            raise TypeError(f"{type(self).__name__} takes one denoiser (unet=, transformer=), a "
+                            "text encoder, tokenizer, null text, scheduler and config")  # fmt: skip
         own = set(self._MODULES) - set(PerCo._MODULES)
         if set(components) != own:
             raise TypeError(f"{type(self).__name__} takes components {sorted(own)}, "
@@ -108,7 +96,8 @@ class PerCo(nn.Module):
         self.autoencoder = autoencoder
         self.hyper_encoder = hyper_encoder
         self.quantizer = quantizer
-        self.unet = unet
+        self.backbone: Backbone = backbone_of(denoisers[0])
+        setattr(self, self.backbone.attribute, denoisers[0])
         self.text_encoder = text_encoder
         self.null_text = null_text
         self.tokenizer = tokenizer
@@ -130,7 +119,7 @@ class PerCo(nn.Module):
     def from_components(
         cls,
         autoencoder: Autoencoder,
-        unet: UNet2DConditionModel,
+        denoiser: nn.Module,
         text_encoder: nn.Module,
         tokenizer,
         scheduler,
@@ -144,6 +133,8 @@ class PerCo(nn.Module):
     ) -> PerCo:
         """Add a new hyper-encoder, quantizer and null text to pretrained parts.
 
+        ``denoiser``: a U-Net or transformer of a known backbone, whose input layer is
+        widened here to take ``z_l`` (``conv_in_init``: the new weights' init).
         ``hyper_encoder`` and ``quantizer`` override the defaults of
         :class:`HyperEncoder` and :class:`VectorQuantizer`; the input width and rate-given
         settings (``in_channels``, ``downsample``, ``codebook_size``, ``dim``) are filled
@@ -165,19 +156,20 @@ class PerCo(nn.Module):
             }
         )
         extra = vq.config.dim if cfg.condition == "projected" else vq.config.codebook_dim
-        widen_conv_in(unet, extra, init=conv_in_init)
+        backbone_of(denoiser).widen(denoiser, extra, conv_in_init)
 
         hidden = text_encoder.config.hidden_size
         null = NullTextEmbedding(tokenizer.model_max_length, hidden, learned=learned_null_text)
         with torch.no_grad():
             null.initialise(encode_captions(tokenizer, text_encoder, [""]))
-        return cls(autoencoder, he, vq, unet, text_encoder, tokenizer, null, scheduler, cfg)
+        return cls(autoencoder, he, vq, denoiser, text_encoder, tokenizer, null, scheduler, cfg)
 
     @classmethod
     def _extend(cls, base: PerCo, **components: nn.Module) -> PerCo:
         """A ``cls`` variant made of ``base``'s parts (from :meth:`PerCo.from_components`)
         plus the variant's own ``components``."""
         parts = {name: getattr(base, name) for name in PerCo._MODULES}
+        parts[base.backbone.attribute] = base.denoiser
         return cls(
             autoencoder=base.autoencoder,
             tokenizer=base.tokenizer,
@@ -195,7 +187,7 @@ class PerCo(nn.Module):
         *,
         torch_dtype: torch.dtype | None = None,
         timestep_spacing: str | None = None,
-        unet: UNet2DConditionModel | None = None,
+        unet: nn.Module | None = None,
         **kwargs,
     ) -> PerCo:
         """Start PerCo from a Stable Diffusion checkpoint (a hub id or a local folder).
@@ -207,18 +199,11 @@ class PerCo(nn.Module):
         scheduler, so its files decode with it. ``unet``: a U-Net to use instead of the
         checkpoint's (e.g. one whose weights come from elsewhere, built on the meta device).
         """
-        from transformers import AutoTokenizer, CLIPTextModel
+        from .backbones.unet import stable_diffusion_parts
 
-        load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        vae = SDAutoencoder.from_pretrained(pretrained, subfolder="vae", **load)
-        if unet is None:
-            unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **load)
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **load)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
-        check_tokenizer(tokenizer, str(pretrained))
-        spacing = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
-        scheduler = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler", **spacing)
-        return cls.from_components(vae, unet, text_encoder, tokenizer, scheduler, rate, **kwargs)
+        parts = stable_diffusion_parts(pretrained, torch_dtype=torch_dtype,
+                                       timestep_spacing=timestep_spacing, unet=unet)  # fmt: skip
+        return cls.from_components(**parts, rate=rate, **kwargs)
 
     # -- properties -----------------------------------------------------------------
     @property
@@ -231,8 +216,18 @@ class PerCo(nn.Module):
         return self.config.steps or self.rate.steps
 
     @property
+    def denoiser(self) -> nn.Module:
+        """The U-Net or transformer (held and saved under its backbone's ``attribute``)."""
+        return getattr(self, self.backbone.attribute)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule family of the model's scheduler (:mod:`perco.schedules`)."""
+        return schedule_for(self.scheduler)
+
+    @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def cell(self) -> int:
@@ -252,18 +247,15 @@ class PerCo(nn.Module):
         return self._factor[1]
 
     @property
-    def unet_factor(self) -> int:
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
     def pad_multiple(self) -> int:
         """Image sides are padded to a multiple of this (64 for SD at every rung)."""
-        return self.autoencoder.factor * max(self.rate.downsample, self.unet_factor)
+        factor = self.backbone.pad_factor(self.denoiser)
+        return self.autoencoder.factor * max(self.rate.downsample, factor)
 
     @property
     def has_lora(self) -> bool:
-        """Whether the U-Net carries LoRA adapters (``set_trainable("lora")``)."""
-        return bool(getattr(self.unet, "peft_config", None))
+        """Whether the denoiser carries LoRA adapters (``set_trainable("lora")``)."""
+        return bool(getattr(self.denoiser, "peft_config", None))
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         """Size an image of ``height × width`` is padded to before encoding."""
@@ -283,7 +275,7 @@ class PerCo(nn.Module):
         forgets it, and :meth:`save_pretrained` recomputes it.
         """
         if self._fingerprint is None:
-            modules = {name: getattr(self, name) for name in ("autoencoder", *self._MODULES)}
+            modules = {"autoencoder": self.autoencoder, **self.components()}
             if self.index_prior is not None:  # absent: the fingerprint it always had
                 modules["index_prior"] = self.index_prior
             self._fingerprint = fingerprint(modules, self._settings())
@@ -292,6 +284,7 @@ class PerCo(nn.Module):
     def _settings(self) -> dict:
         scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
         variant = {} if self.variant == "perco" else {"variant": self.variant}  # PerCo's as before
+        variant.update(self.backbone.settings)
         settings = self.config.to_dict()
         for key, default in ADDED_LATER.items():  # older models keep their fingerprints
             if settings[key] == default:
@@ -358,9 +351,9 @@ class PerCo(nn.Module):
                 f"{self.autoencoder.latent_channels}"
             )
         want = self.autoencoder.latent_channels + self.local_channels
-        if self.unet.config.in_channels != want:
-            got = self.unet.config.in_channels
-            raise ValueError(f"U-Net takes {got} input channels, expected {want}")
+        got = self.backbone.in_channels(self.denoiser)
+        if got != want:
+            raise ValueError(f"{self.backbone.label} takes {got} input channels, expected {want}")
 
     @property
     def global_pq(self) -> tuple[int, int] | None:
@@ -370,7 +363,7 @@ class PerCo(nn.Module):
 
     @property
     def local_channels(self) -> int:
-        """Channels concatenated to ``x_t`` (the widening of ``conv_in``)."""
+        """Channels concatenated to ``x_t`` (the widening of the denoiser's input layer)."""
         vq = self.quantizer.config
         return vq.dim if self.config.condition == "projected" else vq.codebook_dim
 
@@ -493,12 +486,15 @@ class PerCo(nn.Module):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         snr_gamma: float | None = None,
+        flow_timesteps: FlowTimesteps | None = None,
     ) -> PerCoLoss:
-        """Training loss of a batch (paper eq. 3 with v- or ε-prediction, plus eq. 4).
+        """Training loss of a batch (paper eq. 3 with v- or ε-prediction, or the velocity
+        of rectified flow, plus eq. 4).
 
         ``snr_gamma``: Min-SNR-γ loss weighting (Hang et al. 2023), ``min(SNR, γ)`` in
         x0 terms, which stops nearly clean timesteps from dominating; ``None``: the
-        paper's unweighted loss.
+        paper's unweighted loss. ``flow_timesteps``: how a flow model draws and weights
+        σ (default: SD 3's logit-normal), shifted for the latent's size as its sampler is.
 
         ``timesteps`` and ``noise`` are drawn when not given; in training mode captions
         are dropped to the null text with probability ``config.text_drop_prob``. A CPU
@@ -516,7 +512,7 @@ class PerCo(nn.Module):
                     f"latents have {latents.shape[1]} channels, this model's autoencoder "
                     f"gives {self.autoencoder.latent_channels}: pre-computed with another one?"
                 )
-            latents = latents.to(self.device, self.unet.dtype)
+            latents = latents.to(self.device, self.denoiser.dtype)
         q = self._quantize(latents, padded, generator)
         local = self._local(q.codes, latents.shape[-2:])
         text, null = self._context(captions, self._global(images)[0])
@@ -525,34 +521,28 @@ class PerCo(nn.Module):
             text = drop_captions(text, null, p_drop, generator)
         text = self._append(text, local.tokens)
 
-        sched = self.scheduler
+        schedule, denoiser = self.schedule, self.denoiser
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator).to(latents)
         if timesteps is None:
-            num = sched.config.num_train_timesteps
-            timesteps = torch.randint(0, num, (latents.shape[0],), generator=generator)
+            mu = self.backbone.mu(denoiser, latents.shape[-2:], self.default_steps)
+            timesteps = schedule.draw_timesteps(latents.shape[0], generator, mu=mu,
+                                                sampling=flow_timesteps)  # fmt: skip
         timesteps = timesteps.to(latents.device)
-        noisy = sched.add_noise(latents, noise, timesteps)
-        target = diffusion_target(sched, latents, noise, timesteps)
+        noisy = schedule.add_noise(latents, noise, timesteps)
+        target = schedule.target(latents, noise, timesteps)
 
-        unet_in = torch.cat([noisy, local.spatial], dim=1).to(self.unet.dtype)
-        pred = self.unet(unet_in, timesteps, text.to(self.unet.dtype)).sample
-        snr = None
-        if snr_gamma:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(sched, timesteps).float()
+        pred = self.backbone.predict(denoiser, noisy.to(denoiser.dtype), local.spatial,
+                                     timesteps, text)  # fmt: skip
         cfg = self.config
         diffusion = diffusion_loss(
             pred.float() - target.float(),
             factor=self._metric_factor,
             lowpass_weight=cfg.lowpass_weight,
             lowpass_size=cfg.lowpass_size,
-            snr=snr,
-            snr_gamma=snr_gamma,
-            v_prediction=sched.config.prediction_type == "v_prediction",
+            **schedule.loss_options(timesteps, snr_gamma, flow_timesteps),
         ).mean()
-        x0 = predicted_x0(sched, noisy, pred, timesteps)
+        x0 = schedule.x0(noisy, pred, timesteps)
         image = self._image_loss(local, padded)
         loss = diffusion + q.loss
         return PerCoLoss(
@@ -568,36 +558,30 @@ class PerCo(nn.Module):
     def set_trainable(self, unet: Trainable = "linear", lora_rank: int = 16) -> list[nn.Parameter]:
         """Freeze what the paper freezes and return the parameters to optimise.
 
-        ``unet``: ``"linear"`` — the U-Net's ``nn.Linear`` layers (paper), ``"full"`` —
-        the whole U-Net (PerCo (SD)), ``"lora"`` — rank-``lora_rank`` adapters (peft) on
-        the attention projections, merged into the weights when saved, ``"none"``. The
-        autoencoder and text encoder are frozen. Always trained: the hyper-encoder, the
-        quantizer's projections, the widened ``conv_in`` and a learned null text.
+        ``unet`` (the denoiser, U-Net or transformer): ``"linear"`` — its ``nn.Linear``
+        layers (paper), ``"full"`` — all of it (PerCo (SD)), ``"lora"`` — rank-``lora_rank``
+        adapters (peft) on the attention projections (the backbone's ``lora_targets``),
+        merged into the weights when saved, ``"none"``. The autoencoder and text encoder
+        are frozen. Always trained: the hyper-encoder, the quantizer's projections, the
+        widened input layer (``conv_in``, ``x_embedder``) and a learned null text.
         """
         if unet not in ("linear", "full", "lora", "none"):
             raise ValueError(f"unet must be 'linear', 'full', 'lora' or 'none', got {unet!r}")
+        denoiser = self.denoiser
         if unet == "lora" and not self.has_lora:
-            from peft import LoraConfig
-
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_rank,
-                    init_lora_weights="gaussian",  # B = 0: training starts from the model
-                    target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                )
-            )
+            self.backbone.add_lora(denoiser, lora_rank)
         self.requires_grad_(False)
         if unet == "full":
-            self.unet.requires_grad_(True)
+            denoiser.requires_grad_(True)
         elif unet == "linear":
-            for m in self.unet.modules():
+            for m in denoiser.modules():
                 if isinstance(m, nn.Linear):
                     m.requires_grad_(True)
         elif unet == "lora":
-            for name, p in self.unet.named_parameters():
+            for name, p in denoiser.named_parameters():
                 p.requires_grad_("lora_" in name)
-        for m in (self.hyper_encoder, self.quantizer, self.unet.conv_in, self.null_text):
+        input_layer = self.backbone.input_layer(denoiser)
+        for m in (self.hyper_encoder, self.quantizer, input_layer, self.null_text):
             m.requires_grad_(True)
         for name in self._TRAINED:
             getattr(self, name).requires_grad_(True)
@@ -700,7 +684,7 @@ class PerCo(nn.Module):
         sampler = sampler_for(cfg, steps=steps, guidance=guidance, guidance_scale=guidance_scale,
                               default_steps=self.default_steps)  # fmt: skip
         with stage(timer, "decode steps"):
-            latents = sampler(self.unet, self.sampler(timestep_spacing), local.spatial,
+            latents = sampler(self.denoiser, self.sampler(timestep_spacing), local.spatial,
                               self._append(text, local.tokens), self._append(null, local.tokens),
                               generator)  # fmt: skip
         with stage(timer, "autoencoder decode"):
@@ -725,17 +709,23 @@ class PerCo(nn.Module):
         return self._local(self.quantizer.lookup(indices), latent_size)
 
     # -- saving ---------------------------------------------------------------------
-    # saved components (besides the autoencoder), each in its own subfolder; a variant adds
-    # its own. None: loaded with transformers' AutoModel (the text encoder).
+    # saved components (besides the autoencoder and the denoiser, which its backbone names),
+    # each in its own subfolder; a variant adds its own. None: loaded with transformers'
+    # AutoModel (the text encoder).
     _MODULES: dict[str, type | None] = {
         "hyper_encoder": HyperEncoder,
         "quantizer": VectorQuantizer,
-        "unet": UNet2DConditionModel,
         "text_encoder": None,
         "null_text": NullTextEmbedding,
     }
     # a variant's components trained in every mode (set_trainable)
     _TRAINED: tuple[str, ...] = ()
+
+    def components(self) -> dict[str, nn.Module]:
+        """The saved components but the autoencoder, by folder name (the denoiser's is its
+        backbone's ``attribute``)."""
+        return {self.backbone.attribute: self.denoiser,
+                **{name: getattr(self, name) for name in self._MODULES}}  # fmt: skip
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a folder: one subfolder per component (safetensors) and ``perco.json``,

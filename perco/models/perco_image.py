@@ -84,7 +84,7 @@ class PerCoImage(PerCo):
     def from_components(
         cls,
         autoencoder,
-        unet,
+        denoiser,
         text_encoder,
         tokenizer,
         scheduler,
@@ -101,12 +101,12 @@ class PerCoImage(PerCo):
         token projection. Captions are not used: ``guidance="text"`` contrasts the image
         tokens with the null tokens."""
         base = PerCo.from_components(
-            autoencoder, unet, text_encoder, tokenizer, scheduler, rate, **kwargs
+            autoencoder, denoiser, text_encoder, tokenizer, scheduler, rate, **kwargs
         )
         if isinstance(vision, str):
             vision = load_vision_encoder(vision)
         pq = ProductQuantizer(**{**(image_quantizer or {}), "dim": vision.embed_dim})
-        tokens = EmbeddingTokens(vision.embed_dim, unet.config.cross_attention_dim, num_tokens)
+        tokens = EmbeddingTokens(vision.embed_dim, base.backbone.context_dim(denoiser), num_tokens)
         return cls._extend(base, vision=vision, image_quantizer=pq, image_tokens=tokens)
 
     @property

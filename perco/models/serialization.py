@@ -1,12 +1,14 @@
 """Saving and loading PerCo model folders, and the registry of model variants.
 
 A folder holds one subfolder per component (``autoencoder/``, ``hyper_encoder/``,
-``quantizer/``, ``unet/``, ``text_encoder/``, ``null_text/``, ``tokenizer/``,
-``scheduler/``, a variant's own, and ``index_prior/`` once one is fitted) and
-``perco.json``: the :class:`PerCoConfig`, the variant name (which class :func:`load`
-builds), the autoencoder and scheduler classes, the model fingerprint that files carry,
-with a prior ``index_prior`` (its class and how it was fitted), and for imported weights
-``imported_from`` (their format and source; see :mod:`perco.models.perco_sd`).
+``quantizer/``, the denoiser's ``unet/`` or ``transformer/``, ``text_encoder/``,
+``null_text/``, ``tokenizer/``, ``scheduler/``, a variant's own, and ``index_prior/`` once
+one is fitted) and ``perco.json``: the :class:`PerCoConfig`, the variant name (which class
+:func:`load` builds), the backbone (:mod:`perco.models.backbones`; absent in folders
+older than backbones: the U-Net), the autoencoder and scheduler classes, the model
+fingerprint that files carry, with a prior ``index_prior`` (its class and how it was
+fitted), and for imported weights ``imported_from`` (their format and source; see
+:mod:`perco.models.perco_sd`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from .autoencoders import load_autoencoder
+from .backbones import backbone_named
 from .config import PerCoConfig
 from .text import check_tokenizer
 
@@ -57,9 +59,8 @@ def save(model, path: str | os.PathLike) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.autoencoder.save_pretrained(tmp / "autoencoder")
-        for name in model._MODULES:
-            module = getattr(model, name)
-            if name == "unet" and model.has_lora:
+        for name, module in model.components().items():
+            if module is model.denoiser and model.has_lora:
                 # a plain U-Net with the adapters merged in, loadable anywhere
                 module = copy.deepcopy(module)
                 module.fuse_lora()
@@ -73,6 +74,7 @@ def save(model, path: str | os.PathLike) -> None:
         config = {
             **model.config.to_dict(),
             "variant": model.variant,
+            "backbone": model.backbone.name,
             "autoencoder": model.autoencoder.name,
             "scheduler_class": type(model.scheduler).__name__,
             "fingerprint": model.fingerprint.hex(),
@@ -113,6 +115,7 @@ def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
     if not issubclass(found, cls):
         raise ValueError(f"{path} holds a {variant} model, not a {cls.__name__}")
     cls = found
+    backbone = backbone_named(raw.pop("backbone", "unet"))
     scheduler_class = getattr(diffusers, raw.pop("scheduler_class"))
     autoencoder = raw.pop("autoencoder")
     stored_fingerprint = raw.pop("fingerprint", None)
@@ -123,9 +126,10 @@ def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     check_tokenizer(tokenizer, str(path / "tokenizer"))
     modules = {}
-    for name, module_class in cls._MODULES.items():
+    classes = {backbone.attribute: backbone.module_class, **cls._MODULES}
+    for name, module_class in classes.items():
         module_class = module_class or AutoModel  # None: the text encoder
-        dtype = dtype_kw if module_class in (UNet2DConditionModel, AutoModel) else {}
+        dtype = dtype_kw if module_class in (backbone.module_class, AutoModel) else {}
         modules[name] = module_class.from_pretrained(path / name, **dtype)
     model = cls(
         autoencoder=load_autoencoder(autoencoder, path / "autoencoder", **dtype_kw),

@@ -40,7 +40,6 @@ from ..rates import Rate
 from ..types import EncodedImages
 from .perco import Capability, Local, PerCo
 from .perco_image import EmbeddingTokens
-from .unet_adapter import widen_conv_in
 from .vision import VisionEncoder, load_vision_encoder
 
 __all__ = [
@@ -256,7 +255,7 @@ class SPRDiffStyle(PerCo):
     def from_components(
         cls,
         autoencoder,
-        unet,
+        denoiser,
         text_encoder,
         tokenizer,
         scheduler,
@@ -275,7 +274,7 @@ class SPRDiffStyle(PerCo):
         reconstruction module (``reconstruction`` overrides the defaults of
         :class:`Reconstruction`)."""
         base = PerCo.from_components(
-            autoencoder, unet, text_encoder, tokenizer, scheduler, rate, **kwargs
+            autoencoder, denoiser, text_encoder, tokenizer, scheduler, rate, **kwargs
         )
         if isinstance(distortion, str):
             distortion = load_distortion_encoder(distortion, pretrained=pretrained_encoders)
@@ -290,11 +289,11 @@ class SPRDiffStyle(PerCo):
             "upscale": base.cell,
             "latent_factor": autoencoder.factor,
             "semantic_dim": semantic.embed_dim,
-            "context_width": unet.config.cross_attention_dim,
+            "context_width": base.backbone.context_dim(denoiser),
         }
         recon = Reconstruction(**settings)
         init = kwargs.get("conv_in_init", "random")
-        widen_conv_in(base.unet, recon.config.pixel_channels, init=init)
+        base.backbone.widen(base.denoiser, recon.config.pixel_channels, init)
         return cls._extend(
             base,
             distortion_encoder=distortion,

@@ -82,6 +82,8 @@ def taef2_perco(
     block_out_channels: tuple[int, ...] = (32, 64, 64),
     pixel_metric: bool = True,
     variant: str = "perco",
+    denoiser: torch.nn.Module | None = None,
+    scheduler=None,
     **kwargs,
 ) -> PerCo:
     """A small PerCo on the pretrained TAEF2 autoencoder (32-channel latents, 8×).
@@ -97,11 +99,34 @@ def taef2_perco(
     only for its null-text slot: with no captions (``guidance="none"``) the U-Net is
     conditioned on the hyper-latent alone. ``variant`` picks the model class
     (``perco_image``, ``sprdiff_style``); ``kwargs`` go to its ``from_components``.
+
+    ``denoiser`` and ``scheduler``: another backbone's network for 32-channel latents and
+    its scheduler instead of the U-Net and DDIM (``model=tiny_taef2_flux2``: a small
+    FLUX.2 transformer with rectified flow, :func:`perco.models.backbones.flux2.new_transformer`).
     """
     c = tiny_components(seed)
+    if denoiser is None:
+        denoiser, scheduler = _unet(block_out_channels, seed), None
+    if scheduler is None:
+        scheduler = DDIMScheduler(**{**SD21_SCHEDULER, "timestep_spacing": "trailing"})
+    kwargs.setdefault("hyper_encoder", {"channels": 64, "out_channels": 128})
+    kwargs.setdefault("quantizer", {"codebook_dim": 16})
+    kwargs.setdefault("guidance", "none")
+    kwargs.setdefault("text_drop_prob", 0.0)
+    kwargs.setdefault("text", False)  # no captions: it refuses them rather than store them
+    ae = load_taef2(taef2_dir, folders, latent_cache)
+    if pixel_metric and folders:
+        kwargs.setdefault("latent_metric", taef2_latent_metric(ae, folders, latent_cache))
+    return variant_class(variant).from_components(
+        ae, denoiser, c["text_encoder"], c["tokenizer"], scheduler, rate, **kwargs
+    )
+
+
+def _unet(block_out_channels: tuple[int, ...], seed: int) -> UNet2DConditionModel:
+    """The small U-Net of the embedded default: attention only at its lowest resolution."""
     torch.manual_seed(seed)
     depth = len(block_out_channels)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=32,
         in_channels=32,
         out_channels=32,
@@ -112,18 +137,6 @@ def taef2_perco(
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=32,
         norm_num_groups=16,
-    )
-    scheduler = DDIMScheduler(**{**SD21_SCHEDULER, "timestep_spacing": "trailing"})
-    kwargs.setdefault("hyper_encoder", {"channels": 64, "out_channels": 128})
-    kwargs.setdefault("quantizer", {"codebook_dim": 16})
-    kwargs.setdefault("guidance", "none")
-    kwargs.setdefault("text_drop_prob", 0.0)
-    kwargs.setdefault("text", False)  # no captions: it refuses them rather than store them
-    ae = load_taef2(taef2_dir, folders, latent_cache)
-    if pixel_metric and folders:
-        kwargs.setdefault("latent_metric", taef2_latent_metric(ae, folders, latent_cache))
-    return variant_class(variant).from_components(
-        ae, unet, c["text_encoder"], c["tokenizer"], scheduler, rate, **kwargs
     )
 
 

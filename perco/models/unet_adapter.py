@@ -21,6 +21,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .backbones import widened
+
 __all__ = ["widen_conv_in", "linear_parameter_share"]
 
 
@@ -37,34 +39,8 @@ def widen_conv_in(
     (Kaiming-uniform, PyTorch's default); ``init="zero"`` makes the widened U-Net compute
     exactly what the original did until training moves the new weights.
     """
-    if extra_channels <= 0:
-        raise ValueError(f"extra_channels must be positive, got {extra_channels}")
-    if init not in ("random", "zero"):
-        raise ValueError(f"init must be 'random' or 'zero', got {init!r}")
-    old = unet.conv_in
-    new = nn.Conv2d(
-        old.in_channels + extra_channels,
-        old.out_channels,
-        kernel_size=old.kernel_size,
-        stride=old.stride,
-        padding=old.padding,
-        bias=old.bias is not None,
-        device=old.weight.device,
-        dtype=old.weight.dtype,
-    )
-    fan_in = new.weight[0].numel()
-    bound = 1.0 / fan_in**0.5  # Kaiming-uniform with a=sqrt(5), as nn.Conv2d.reset_parameters
-    extra = new.weight[:, old.in_channels :]
-    if init == "zero":
-        extra.zero_()
-    else:
-        extra.uniform_(-bound, bound, generator=generator)
-    new.weight[:, : old.in_channels] = old.weight
-    if old.bias is not None:
-        new.bias.copy_(old.bias)
-    new.weight.requires_grad_(old.weight.requires_grad)
-    unet.conv_in = new
-    unet.register_to_config(in_channels=new.in_channels)
+    unet.conv_in = widened(unet.conv_in, extra_channels, init, generator)
+    unet.register_to_config(in_channels=unet.conv_in.in_channels)
     return unet
 
 

@@ -33,7 +33,6 @@ does not use), or a student's U-Net alone.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -111,8 +110,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 def trainable_report(model: PerCo) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    unet = sum(p.numel() for p in model.unet.parameters())
-    unet_trained = sum(p.numel() for p in model.unet.parameters() if p.requires_grad)
+    unet = sum(p.numel() for p in model.denoiser.parameters())
+    unet_trained = sum(p.numel() for p in model.denoiser.parameters() if p.requires_grad)
     return {
         "trainable_params": trained,
         "total_params": total,
@@ -224,7 +223,7 @@ def train(cfg: DictConfig) -> dict:
     model.autoencoder.to(dtype=weight_dtype)
     model.text_encoder.to(dtype=weight_dtype)
     if tc.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+        model.denoiser.enable_gradient_checkpointing()
 
     dataset = instantiate(cfg.data)
     iterable = isinstance(dataset, IterableDataset)
@@ -265,7 +264,7 @@ def train(cfg: DictConfig) -> dict:
             (folder / "train_state.json").write_text(json.dumps(asdict(state)))
             failpoint("checkpoint:after-model")
             if perco.has_lora:  # perco/ holds merged weights: keep the adapters apart
-                save(get_peft_model_state_dict(perco.unet), folder / "lora.safetensors")
+                save(get_peft_model_state_dict(perco.denoiser), folder / "lora.safetensors")
             if ema is not None:
                 shadow = {str(i): p for i, p in enumerate(ema.shadow_params)}
                 save(shadow, folder / "ema.safetensors")
@@ -282,7 +281,7 @@ def train(cfg: DictConfig) -> dict:
         # frozen `base_layer`s (pretrained, unchanged) plus adapters, loaded below
         target.load_state_dict({k: v for k, v in loaded.items() if k in own}, strict=False)
         if target.has_lora:
-            set_peft_model_state_dict(target.unet, load_file(folder / "lora.safetensors"))
+            set_peft_model_state_dict(target.denoiser, load_file(folder / "lora.safetensors"))
         state.__dict__.update(json.loads((folder / "train_state.json").read_text()))
         if ema is not None:
             shadow = load_file(folder / "ema.safetensors")
@@ -307,9 +306,7 @@ def train(cfg: DictConfig) -> dict:
     unwrapped: PerCo = model
     grid = None
     if tc.get("timestep_grid"):
-        sampler = copy.deepcopy(unwrapped.scheduler)
-        sampler.set_timesteps(tc.timestep_grid)
-        grid = sampler.timesteps.cpu()
+        grid = unwrapped.schedule.grid(tc.timestep_grid)
 
     checkpoint_index = next_index(out)
     if tc.resume:

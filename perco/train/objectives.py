@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fingerprint import fingerprint
-from ..losses import diffusion_target, load_lpips, x0_lpips
+from ..losses import load_lpips, x0_lpips
+from ..models.backbones import predict
 from ..models.perco import PerCo
 from ..sampling import guided_x0, one_step_x0, sample
+from ..schedules import FlowTimesteps
 from .adversarial import FeatureDiscriminator, backbone_features, discriminator_loss, generator_loss
 
 __all__ = [
@@ -91,13 +93,15 @@ class PerCoObjective(Objective):
     ``trainer.lpips_weight`` × LPIPS between each image and the decoded x0 estimate."""
 
     def __init__(self):
-        self.perceptual, self.tc = None, None
+        self.perceptual, self.tc, self.flow_timesteps = None, None, None
 
     def trainable(self, model: PerCo, mode: str, **options) -> tuple[nn.Module, list]:
         return model, model.set_trainable(mode, **options)
 
     def setup(self, trainer, device: torch.device) -> None:
         self.tc = trainer
+        if trainer.get("flow_timesteps"):
+            self.flow_timesteps = FlowTimesteps(**trainer.flow_timesteps)
         if trainer.lpips_weight:
             self.perceptual = load_lpips(trainer.lpips_net, trainer.lpips_backbone).to(device)
 
@@ -109,6 +113,7 @@ class PerCoObjective(Objective):
             timesteps=timesteps,
             generator=generator,
             snr_gamma=self.tc.get("snr_gamma"),
+            flow_timesteps=self.flow_timesteps,
         )
         terms = {
             "train/diffusion": losses.diffusion,
@@ -187,7 +192,7 @@ class StudentObjective(Objective):
 
     def __init__(
         self,
-        timestep: int = 999,
+        timestep: int | None = None,
         l1_weight: float = 1.0,
         lpips_weight: float = 1.0,
         lpips_net: str = "vgg",
@@ -224,7 +229,8 @@ class StudentObjective(Objective):
             self.teacher.requires_grad_(False).eval()
         if student is not None:  # a student already: train it further
             return student.eval()
-        return one_step_student(model, self.timestep).eval()
+        timestep = model.schedule.one_step_timestep if self.timestep is None else self.timestep
+        return one_step_student(model, timestep).eval()
 
     def _load_teacher(self, student: PerCo) -> PerCo:
         from ..codec import file_fingerprint
@@ -246,7 +252,7 @@ class StudentObjective(Objective):
         freeze_encoder(model)  # what set_trainable trains in every mode but the U-Net
         model.null_text.requires_grad_(False)
         model.eval()
-        return model.unet, [p for p in model.unet.parameters() if p.requires_grad]
+        return model.denoiser, [p for p in model.denoiser.parameters() if p.requires_grad]
 
     def setup(self, trainer, device: torch.device) -> None:
         if self.lpips_weight:
@@ -259,7 +265,7 @@ class StudentObjective(Objective):
                              "must be 1")  # fmt: skip
         if self.dmd_weight:
             # the critic: a score model of the student's outputs, from the teacher's U-Net
-            self.critic = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
+            self.critic = copy.deepcopy(self.teacher.denoiser).requires_grad_(True).train()
             self.critic_optimizer = _own_adamw(self.critic, self.critic_lr, trainer)
         if self.adversarial_weight:  # frozen trunk: the LPIPS network's, or one of its own
             self.features = self.lpips
@@ -302,7 +308,7 @@ class StudentObjective(Objective):
         share the autoencoder, so this runs once a batch, not once a rung."""
         images = batch.get("images")
         if images is None:
-            latents = batch["latents"].to(model.device, model.unet.dtype)
+            latents = batch["latents"].to(model.device, model.denoiser.dtype)
             return latents, model.autoencoder.decode(latents).float().clamp(-1, 1), None
         padded = model._pad(images.to(model.device))
         return model._latents(padded), padded * 2 - 1, padded
@@ -329,11 +335,11 @@ class StudentObjective(Objective):
         latents, target, padded = self.targets(model, batch)
         per_rung = [self.conditions(student, batch, latents, padded) for student, _ in rungs]
         spatial, text, null = (torch.cat(c) for c in zip(*per_rung, strict=True))
-        size, sched = len(latents), model.scheduler
+        size, schedule = len(latents), model.schedule
         steps = torch.tensor([student.config.one_step_timestep for student, _ in rungs])
         shape = (len(rungs) * size, *latents.shape[1:])
-        noise = torch.randn(shape, generator=generator).to(latents.device, model.unet.dtype)
-        x0 = one_step_x0(trained, sched, noise * sched.init_noise_sigma, spatial, text,
+        noise = torch.randn(shape, generator=generator).to(latents.device, model.denoiser.dtype)
+        x0 = one_step_x0(trained, model.scheduler, schedule.start(noise), spatial, text,
                          steps.repeat_interleave(size))  # fmt: skip
         decoded = model.autoencoder.decode(x0).float()
         loss, terms = regression_loss(decoded, target.repeat(len(rungs), 1, 1, 1), self.lpips,
@@ -364,7 +370,7 @@ class StudentObjective(Objective):
         (Luhman & Luhman 2021), which keeps each noise's detail where the regression on the
         image alone averages it away."""
         cfg = teacher.config
-        latents = sample(teacher.unet, teacher.scheduler, spatial, text, null,
+        latents = sample(teacher.denoiser, teacher.scheduler, spatial, text, null,
                          steps=teacher.default_steps, guidance=cfg.guidance,
                          guidance_scale=cfg.guidance_scale, noise=noise)  # fmt: skip
         return teacher.autoencoder.decode(latents).float().clamp(-1, 1)
@@ -374,7 +380,7 @@ class StudentObjective(Objective):
         lo, hi = self.dmd_timesteps
         t = torch.randint(lo, hi + 1, (len(x0),), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        return self.teacher.scheduler.add_noise(x0, noise, t), noise, t
+        return self.teacher.schedule.add_noise(x0, noise, t), noise, t
 
     def _distribution_matching(self, x0, spatial, text, null, generator, terms):
         """The student's DMD loss at a noised copy of its output, then ``critic_updates``
@@ -383,7 +389,7 @@ class StudentObjective(Objective):
         cfg = teacher.config
         noisy, _, t = self._draw(x0.detach(), generator)
         with torch.no_grad():
-            real = guided_x0(teacher.unet, sched, noisy, t, spatial, text, null, cfg.guidance,
+            real = guided_x0(teacher.denoiser, sched, noisy, t, spatial, text, null, cfg.guidance,
                              cfg.guidance_scale)  # fmt: skip
             fake = guided_x0(self.critic, sched, noisy, t, spatial, text, None, "none", 1.0)
         dmd = dmd_loss(x0, real, fake)
@@ -391,9 +397,8 @@ class StudentObjective(Objective):
 
         for _ in range(self.critic_updates):  # the critic follows the student's outputs
             noisy, noise, t = self._draw(x0.detach(), generator)
-            target = diffusion_target(sched, x0.detach(), noise, t)
-            unet_in = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)
-            pred = self.critic(unet_in, t, text.to(noisy.dtype)).sample
+            target = teacher.schedule.target(x0.detach(), noise, t)
+            pred = predict(self.critic, noisy, spatial, t, text)
             critic_loss = F.mse_loss(pred.float(), target.float())
             self.accelerator.backward(critic_loss)
             self.critic_optimizer.step()
@@ -466,7 +471,8 @@ class MultiRateStudentObjective(StudentObjective):
                              f"({', '.join(self.timesteps)})")  # fmt: skip
         self.timestep = self.timesteps[own]
         student = super().model(model)
-        shared = {"unet": student.unet, "autoencoder": student.autoencoder}
+        shared = {student.backbone.attribute: student.denoiser,
+                  "autoencoder": student.autoencoder}  # fmt: skip
         latent_space = fingerprint({"autoencoder": student.autoencoder}, {})
         for rate, timestep in self.timesteps.items():
             if rate == own:
@@ -485,7 +491,7 @@ class MultiRateStudentObjective(StudentObjective):
     def trainable(self, model: PerCo, mode: str, **options) -> tuple[nn.Module, list]:
         trained, params = super().trainable(model, mode, **options)
         for other, _ in self.others:  # the U-Net as set up for training (LoRA-wrapped)
-            other.unet = model.unet
+            setattr(other, other.backbone.attribute, model.denoiser)
         return trained, params
 
     def setup(self, trainer, device: torch.device) -> None:
