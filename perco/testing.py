@@ -40,6 +40,7 @@ __all__ = [
     "tiny_flux2_perco",
     "save_tiny_stable_diffusion",
     "SD21_CONFIGS",
+    "published_config",
     "sd21_config",
     "sd21_components",
     "save_sd21",
@@ -186,10 +187,16 @@ def _save_components(c: dict, path: Path) -> Path:
 SD21_CONFIGS = Path(__file__).parent / "models" / "sd21"
 
 
+def published_config(family: str, name: str) -> dict:
+    """A published config shipped in ``perco/models/<family>/<name>.json`` (``sd21``,
+    ``sd35_medium``, ``flux2_klein``), without the notes on where it came from."""
+    config = json.loads((SD21_CONFIGS.parent / family / f"{name}.json").read_text())
+    return {k: v for k, v in config.items() if k not in ("_source", "architectures")}
+
+
 def sd21_config(name: str) -> dict:
     """SD 2.1's published config of ``unet``, ``vae`` or ``text_encoder``."""
-    config = json.loads((SD21_CONFIGS / f"{name}.json").read_text())
-    return {k: v for k, v in config.items() if k not in ("_source", "architectures")}
+    return published_config("sd21", name)
 
 
 def sd21_components(seed: int = 0) -> dict:

@@ -93,3 +93,8 @@ def test_count_params_script_prints_the_measured_numbers(capsys):
     assert "| linear | 308,305,952 | 1,296,841,739 | 23.8% | 34.9% |" in out
     assert "| none | 6,901,152 | 1,296,841,739 | 0.5% | 0.1% |" in out
     assert "| lora | 10,220,960 | 1,300,161,547 | 0.8% | 0.5% |" in out  # rank 16
+    # the backbones at 768×512: SD 2.1's call and decoders as DESIGN.md states them; FLUX.2
+    # [klein]: 3,875,544,576 + 1280 × 3072 for z_l's packed channels; LoRA 5 × 8 × 16 · 6144
+    # (double blocks) + 20 × 16 · (30720 + 15360) (single blocks' fused projections)
+    assert "| SD 2.1 (U-Net) | 0.867 B | 3.3 M | 6,144 | 77 | 1.31 | SD VAE | 3.80 |" in out
+    assert "| FLUX.2 [klein] 4B | 3.879 B | 18.7 M | 1,536 | 512 | 13.89 | TAEF2 | 0.21 |" in out
