@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, Flux2Transformer2DModel, UNet2DConditionModel
 
 from .models.autoencoders import SDAutoencoder
 from .models.perco import PerCo
@@ -38,6 +38,9 @@ __all__ = [
     "tiny_components",
     "tiny_perco",
     "tiny_flux2_perco",
+    "tiny_qwen_tokenizer",
+    "tiny_flux2_components",
+    "save_tiny_flux2",
     "save_tiny_stable_diffusion",
     "SD21_CONFIGS",
     "published_config",
@@ -165,6 +168,88 @@ def tiny_flux2_perco(rate: str | Rate = "r0.0019", seed: int = 0, **kwargs) -> P
     scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER)
     return PerCo.from_components(c["vae"], transformer, c["text_encoder"], c["tokenizer"],
                                  scheduler, rate, **kwargs)  # fmt: skip
+
+
+QWEN_CHAT_TEMPLATE = (  # the shape of Qwen3's template that FLUX.2 [klein]'s prompts go through
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+
+
+def tiny_qwen_tokenizer(vocab_size: int = 1200):
+    """A byte-level BPE tokenizer in Qwen's layout (``<|im_start|>``/``<|im_end|>`` chat
+    markers, ``<|endoftext|>`` padding, a chat template), trained on CLIP's vocabulary
+    words: real tokenization offline, nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w.removesuffix("</w>") for w in clip_tokenizer().get_vocab() if w.isascii()]
+    corpus = [" ".join(words[i : i + 16]) for i in range(0, len(words), 16)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                        special_tokens=specials))  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def tiny_flux2_components(seed: int = 0) -> dict:
+    """A FLUX.2 [klein]-shaped pipeline's parts with random weights, from its published
+    configs (``perco/models/flux2_klein/``) with the widths and depths shrunk: the
+    transformer (one double-stream, one single-stream block, width 32), the VAE (32 latent
+    channels, as TAEF2's), a four-layer Qwen3 text encoder, :func:`tiny_qwen_tokenizer`
+    and a FLUX.2-style flow scheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .models.backbones.flux2 import FLOW_SCHEDULER
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+    ))  # fmt: skip
+    transformer = {**published_config("flux2_klein", "transformer"), "num_layers": 1,
+                   "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+                   "joint_attention_dim": 3 * 32, "timestep_guidance_channels": 32,
+                   "axes_dims_rope": [4, 4, 4, 4]}  # fmt: skip
+    vae = {**published_config("flux2_klein", "vae"), "block_out_channels": [8, 16, 16, 16],
+           "layers_per_block": 1, "norm_num_groups": 8,
+           "mid_block_add_attention": False}  # fmt: skip
+    vae = AutoencoderKLFlux2.from_config(vae)
+    with torch.no_grad():  # batch-norm statistics as a trained VAE has them, not 0 and 1
+        vae.bn.running_mean.normal_(0, 0.1)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    return {
+        "transformer": Flux2Transformer2DModel.from_config(transformer),
+        "vae": vae,
+        "text_encoder": qwen,
+        "tokenizer": tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER),
+    }
+
+
+def save_tiny_flux2(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write :func:`tiny_flux2_components` as a diffusers FLUX.2 [klein] folder (its
+    ``model_index.json`` and subfolders), which :meth:`PerCo.from_flux2` loads through
+    the real loading path."""
+    path = Path(path)
+    for name, part in tiny_flux2_components(seed).items():
+        part.save_pretrained(path / name)
+    index = {"_class_name": "Flux2KleinPipeline", "is_distilled": True,
+             "transformer": ["diffusers", "Flux2Transformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKLFlux2"],
+             "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+             "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}  # fmt: skip
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
 
 
 def save_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -165,3 +165,69 @@ def test_a_copy_of_a_folder_with_a_mismatched_transformer_is_refused(flux, tmp_p
     shutil.copytree(tmp_path / "o" / "transformer", tmp_path / "m" / "transformer")
     with pytest.raises(ValueError, match="FLUX.2 transformer takes"):
         PerCo.from_pretrained(tmp_path / "m")
+
+
+@pytest.fixture(scope="module")
+def klein_folder(tmp_path_factory):
+    from perco.testing import save_tiny_flux2
+
+    return save_tiny_flux2(tmp_path_factory.mktemp("klein") / "FLUX.2-klein-4B")
+
+
+SMALL = {"hyper_encoder": {"channels": 16, "out_channels": 32}, "quantizer": {"codebook_dim": 8}}
+
+
+def test_flux2_klein_loads_from_a_pipeline_folder_through_the_real_path(klein_folder, tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    model = PerCo.from_flux2(klein_folder, "r0.0098", **SMALL).eval()
+    assert type(model.text_encoder).__name__ == "Qwen3ForCausalLM"
+    assert model.backbone.name == "flux2" and model.schedule.name == "flow"
+    assert model.null_text.embedding.shape == (1, 512, 3 * 32)  # 3 Qwen3 layers, padded 512
+    caption = ["a red house by a lake"]
+    with torch.no_grad():  # the caption's context: the FLUX.2 pipeline's own features
+        ours = model._text(caption)
+        theirs = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            model.text_encoder, model.tokenizer, caption, hidden_states_layers=(1, 2, 3)
+        )
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    x = torch.rand(1, 3, 64, 96)
+    encoded = model.encode(x, caption)
+    before = model.decode(encoded, steps=2)[0]
+    model.save_pretrained(tmp_path / "m")
+    loaded = PerCo.from_pretrained(tmp_path / "m")
+    assert type(loaded.text_encoder).__name__ == "Qwen3ForCausalLM"  # not the bare model
+    torch.testing.assert_close(loaded.decode(encoded, steps=2)[0], before, rtol=0, atol=0)
+
+
+def test_the_flux2_vae_normalises_as_the_pipeline_does(klein_folder):
+    from diffusers import Flux2KleinPipeline
+
+    model = PerCo.from_flux2(klein_folder, "r0.0098", **SMALL)
+    ae, images = model.autoencoder, torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        ours = ae.encode(images)
+        raw = ae.vae.encode(images).latent_dist.mode()
+        packed = Flux2KleinPipeline._patchify_latents(raw)
+        mean = ae.vae.bn.running_mean.view(1, -1, 1, 1)
+        std = (ae.vae.bn.running_var.view(1, -1, 1, 1) + ae.vae.config.batch_norm_eps).sqrt()
+        expected = (packed - mean) / std
+        torch.testing.assert_close(Flux2KleinPipeline._patchify_latents(ours), expected)
+        decoded = ae.decode(ours)
+        torch.testing.assert_close(decoded, ae.vae.decode(raw).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_flux2_decodes_with_taef2_when_asked(klein_folder, assets, tmp_path):
+    from perco.models.taesd import TinyAutoencoder
+
+    model = PerCo.from_flux2(klein_folder, "r0.0098", decoder="taef2",
+                             taef2_dir=assets / "taef2", **SMALL).eval()  # fmt: skip
+    assert isinstance(model.autoencoder.tiny, TinyAutoencoder)
+    x = torch.rand(1, 3, 64, 64)
+    out = model.decode(model.encode(x), steps=1)[0]
+    assert out.shape == (3, 64, 64)
+    model.save_pretrained(tmp_path / "m")
+    loaded = PerCo.from_pretrained(tmp_path / "m")
+    assert isinstance(loaded.autoencoder.tiny, TinyAutoencoder)
+    with pytest.raises(ValueError, match="taef2_dir"):
+        PerCo.from_flux2(klein_folder, "r0.0098", decoder="taef2", **SMALL)

@@ -79,11 +79,13 @@ def test_sprdiff_config_instantiates(tmp_path):
 
 
 def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
+    from perco.testing import save_tiny_flux2
+
     sd = save_tiny_stable_diffusion(tmp_path / "sd")
     small = {"hyper_encoder": {"channels": 16, "out_channels": 32}}
     # tiny_taef2* (real TAEF2 weights from the assets) are covered in test_taesd.py
     variants = ["perco_image", "sprdiff_style", "tiny_taef2_image", "tiny_taef2_sprdiff"]
-    transformers = ["tiny_flux2", "tiny_taef2_flux2"]
+    transformers = ["flux2_klein", "tiny_flux2", "tiny_taef2_flux2"]
     assert _options("model") == sorted(
         ["sd15", "sd21", "sd21-base", "tiny", "tiny_taef2", *variants, *transformers]
     )
@@ -109,6 +111,12 @@ def test_every_config_group_composes_and_instantiates(tmp_path, photo_folder):
                 cfg.model[key] = value
         model = instantiate(cfg.model, _convert_="all")
         assert isinstance(model, PerCo) and model.rate.name == "r0.0059"
+    cfg = compose_train("model=flux2_klein", "rate=r0.0059")  # the real loader, tiny folder
+    assert cfg.model.pretrained.startswith("black-forest-labs/FLUX.2-klein")
+    cfg.model.pretrained = str(save_tiny_flux2(tmp_path / "klein"))
+    cfg.model.hyper_encoder = small["hyper_encoder"]
+    model = instantiate(cfg.model, _convert_="all")
+    assert model.backbone.name == "flux2" and model.rate.name == "r0.0059"
 
     assert len(_options("rate")) == 8
     for name in _options("rate"):

@@ -4,7 +4,8 @@ PerCo needs four things from its autoencoder ``E``/``D``: the latent channel cou
 hyper-encoder's input width), the spatial factor (8 for SD's VAE), an ``encode`` from
 images in ``[-1, 1]`` to the normalised latent the diffusion model works in, and the
 matching ``decode``. :class:`Autoencoder` is that contract; :class:`SDAutoencoder`
-implements it over diffusers' ``AutoencoderKL`` (SD 1.x/2.x, SDXL, SD3 and FLUX.1 VAEs).
+implements it over diffusers' ``AutoencoderKL`` (SD 1.x/2.x, SDXL, SD3 and FLUX.1 VAEs),
+:class:`Flux2Autoencoder` over FLUX.2's ``AutoencoderKLFlux2``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import os
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLFlux2
 from torch import nn
 
 __all__ = [
     "Autoencoder",
     "SDAutoencoder",
+    "Flux2Autoencoder",
     "AUTOENCODERS",
     "load_autoencoder",
     "latent_metric",
@@ -106,7 +108,76 @@ class SDAutoencoder(Autoencoder):
         return cls(AutoencoderKL.from_pretrained(path, **kwargs))
 
 
-AUTOENCODERS: dict[str, type[Autoencoder]] = {cls.name: cls for cls in (SDAutoencoder,)}
+class Flux2Autoencoder(Autoencoder):
+    """FLUX.2's VAE (``AutoencoderKLFlux2``: 32 channels, 8×), normalised as
+    ``Flux2KleinPipeline`` normalises its latents: by the VAE's batch-norm statistics over
+    the 2×2-packed latent (128 channels), then unpacked back to the 32-channel grid (the
+    FLUX.2 backbone packs its input itself). Encoding takes the posterior's mode.
+
+    ``tiny``: a TAEF2 (:class:`perco.models.taesd.TinyAutoencoder`, no statistics of its
+    own) to decode with instead of the VAE's decoder (``decoder=taef2``: about 18× fewer
+    decoder FLOPs, ``scripts/count_params.py``). TAEF2 decodes the VAE's raw latent, so the
+    batch-norm normalisation is undone first.
+    """
+
+    name = "flux2"
+    factor = 8
+    latent_channels = 32
+
+    def __init__(self, vae: AutoencoderKLFlux2, tiny: nn.Module | None = None):
+        super().__init__()
+        self.vae, self.tiny = vae, tiny
+        self.latent_channels = vae.config.latent_channels
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like)
+        std = (bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).sqrt()
+        return mean, std.to(like)
+
+    def _normalised(self, raw: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        from .backbones.flux2 import PATCH
+
+        b, c, h, w = raw.shape
+        packed = raw.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 1, 3, 5, 2, 4)
+        packed = packed.reshape(b, c * PATCH * PATCH, h // PATCH, w // PATCH)
+        mean, std = self._statistics(packed)
+        packed = packed * std + mean if inverse else (packed - mean) / std
+        grid = packed.view(b, c, PATCH, PATCH, h // PATCH, w // PATCH).permute(0, 1, 4, 2, 5, 3)
+        return grid.reshape(b, c, h, w)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        raw = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        return self._normalised(raw)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raw = self._normalised(latents.to(self.vae.dtype), inverse=True)
+        if self.tiny is not None:
+            return self.tiny.decode(raw.to(self.tiny.latent_mean.dtype))
+        return self.vae.decode(raw).sample
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        from pathlib import Path
+
+        self.vae.save_pretrained(path)
+        if self.tiny is not None:
+            self.tiny.save_pretrained(Path(path) / "tiny")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Flux2Autoencoder:
+        from pathlib import Path
+
+        from .taesd import TinyAutoencoder
+
+        tiny = Path(path) / "tiny"
+        decoder = TinyAutoencoder.from_pretrained(tiny) if tiny.is_dir() else None
+        return cls(AutoencoderKLFlux2.from_pretrained(path, **kwargs), decoder)
+
+
+AUTOENCODERS: dict[str, type[Autoencoder]] = {
+    cls.name: cls for cls in (SDAutoencoder, Flux2Autoencoder)
+}
 
 
 def load_autoencoder(kind: str, path: str | os.PathLike, **kwargs) -> Autoencoder:

@@ -41,7 +41,7 @@ from .hyper_encoder import HyperEncoder
 from .index_prior import ContextPrior, IndexPrior, UniformPrior
 from .quantizer import VectorQuantizer
 from .serialization import load, save
-from .text import NullTextEmbedding, drop_captions, encode_captions
+from .text import NullTextEmbedding, drop_captions, encode_captions, text_shape
 
 __all__ = ["PerCo", "PerCoConfig", "Local", "Capability"]
 
@@ -158,8 +158,8 @@ class PerCo(nn.Module):
         extra = vq.config.dim if cfg.condition == "projected" else vq.config.codebook_dim
         backbone_of(denoiser).widen(denoiser, extra, conv_in_init)
 
-        hidden = text_encoder.config.hidden_size
-        null = NullTextEmbedding(tokenizer.model_max_length, hidden, learned=learned_null_text)
+        length, width = text_shape(tokenizer, text_encoder)
+        null = NullTextEmbedding(length, width, learned=learned_null_text)
         with torch.no_grad():
             null.initialise(encode_captions(tokenizer, text_encoder, [""]))
         return cls(autoencoder, he, vq, denoiser, text_encoder, tokenizer, null, scheduler, cfg)
@@ -203,6 +203,21 @@ class PerCo(nn.Module):
 
         parts = stable_diffusion_parts(pretrained, torch_dtype=torch_dtype,
                                        timestep_spacing=timestep_spacing, unet=unet)  # fmt: skip
+        return cls.from_components(**parts, rate=rate, **kwargs)
+
+    @classmethod
+    def from_flux2(cls, pretrained: str | os.PathLike = "black-forest-labs/FLUX.2-klein-4B",
+                   rate: str | Rate = "r0.0019", *, torch_dtype: torch.dtype | None = None,
+                   decoder: str = "vae", taef2_dir: str | os.PathLike | None = None,
+                   transformer: nn.Module | None = None, **kwargs) -> PerCo:  # fmt: skip
+        """Start PerCo from a FLUX.2 pipeline (a hub id or a local folder; FLUX.2 [klein]
+        4B by default): its transformer, VAE (or ``decoder="taef2"``), Qwen3 text encoder
+        and flow scheduler (:func:`perco.models.backbones.flux2.flux2_parts`); ``kwargs``
+        go to :meth:`from_components`."""
+        from .backbones.flux2 import flux2_parts
+
+        parts = flux2_parts(pretrained, torch_dtype=torch_dtype, decoder=decoder,
+                            taef2_dir=taef2_dir, transformer=transformer)  # fmt: skip
         return cls.from_components(**parts, rate=rate, **kwargs)
 
     # -- properties -----------------------------------------------------------------

@@ -97,11 +97,21 @@ def save(model, path: str | os.PathLike) -> None:
         raise
 
 
+def _text_encoder_class(folder: Path):
+    """transformers' class for a saved text encoder: a causal LM's own (FLUX.2 [klein]'s
+    Qwen3, whose hidden states feed the transformer), else ``AutoModel`` (CLIP)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    causal = any(a.endswith("ForCausalLM") for a in architectures)
+    return AutoModelForCausalLM if causal else AutoModel
+
+
 def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None):
     """Load a folder written by :func:`save` as the variant it records, which must be
     ``cls`` or a subclass of it."""
     import diffusers
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
     config_file = path / CONFIG_NAME
@@ -128,8 +138,9 @@ def load(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
     modules = {}
     classes = {backbone.attribute: backbone.module_class, **cls._MODULES}
     for name, module_class in classes.items():
-        module_class = module_class or AutoModel  # None: the text encoder
-        dtype = dtype_kw if module_class in (backbone.module_class, AutoModel) else {}
+        module_class = module_class or _text_encoder_class(path / name)
+        # the large pretrained parts take the dtype; PerCo's own stay float32
+        dtype = dtype_kw if name in (backbone.attribute, "text_encoder") else {}
         modules[name] = module_class.from_pretrained(path / name, **dtype)
     model = cls(
         autoencoder=load_autoencoder(autoencoder, path / "autoencoder", **dtype_kw),

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..captioning.text_codec import TokenCaption
 
-__all__ = ["NullTextEmbedding", "encode_captions", "check_tokenizer", "drop_captions"]
+__all__ = ["NullTextEmbedding", "encode_captions", "text_shape", "check_tokenizer", "drop_captions"]
 
 
 class NullTextEmbedding(ModelMixin, ConfigMixin):
@@ -57,15 +57,51 @@ def check_tokenizer(tokenizer, source: str) -> None:
         )
 
 
+def _causal_lm(text_encoder: nn.Module) -> bool:
+    """A decoder-only language model used as a text encoder (FLUX.2 [klein]'s Qwen3)."""
+    return type(text_encoder).__name__.endswith("ForCausalLM")
+
+
+#: the prompt length FLUX.2 [klein]'s pipeline pads to
+LM_TEXT_LENGTH = 512
+
+
+def lm_layers(text_encoder: nn.Module) -> tuple[int, int, int]:
+    """The hidden-state layers a FLUX.2 [klein] text encoder contributes: a quarter, half
+    and three quarters of its depth (Qwen3-4B's 36 layers: the pipeline's 9, 18, 27)."""
+    n = text_encoder.config.num_hidden_layers
+    return n // 4, n // 2, 3 * n // 4
+
+
+def text_shape(tokenizer, text_encoder: nn.Module) -> tuple[int, int]:
+    """``(length, dim)`` of the context :func:`encode_captions` returns (the null text's)."""
+    hidden = text_encoder.config.hidden_size
+    if _causal_lm(text_encoder):
+        return LM_TEXT_LENGTH, len(lm_layers(text_encoder)) * hidden
+    return tokenizer.model_max_length, hidden
+
+
 def encode_captions(
     tokenizer, text_encoder: nn.Module, captions: Sequence[str], max_length: int | None = None
 ) -> torch.Tensor:
-    """Captions → the text encoder's last hidden state ``(B, max_length, dim)``.
+    """Captions → the text context ``(B, length, dim)`` the denoiser attends to.
 
-    Padded to the tokenizer's ``model_max_length`` (77 for CLIP) as SD was trained. A
-    :class:`~perco.captioning.text_codec.TokenCaption` (a caption read back from its
-    token ids) is not tokenized again: its ids go in as the tokenizer would place them.
+    A CLIP text encoder: its last hidden state, padded to the tokenizer's
+    ``model_max_length`` (77) as SD was trained. A
+    :class:`~perco.captioning.text_codec.TokenCaption` (a caption read back from its token
+    ids) is not tokenized again: its ids go in as the tokenizer would place them. A causal
+    language model (FLUX.2 [klein]'s Qwen3): the FLUX.2 pipeline's own features
+    (``Flux2KleinPipeline._get_qwen3_prompt_embeds``: the chat-templated prompt, padded to
+    512, three hidden layers concatenated).
     """
+    if _causal_lm(text_encoder):
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            text_encoder, tokenizer, [str(c) for c in captions],
+            max_sequence_length=max_length or LM_TEXT_LENGTH,
+            hidden_states_layers=lm_layers(text_encoder),
+        )  # fmt: skip
     length = max_length or tokenizer.model_max_length
     ids = tokenizer(
         [str(c) for c in captions],

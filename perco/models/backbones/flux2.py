@@ -19,14 +19,27 @@ image token count and step count.
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 import torch
 from diffusers import Flux2Transformer2DModel
 
 from . import Backbone, widened
 
-__all__ = ["Flux2Backbone", "FLUX2", "FLOW_SCHEDULER", "pack", "unpack", "new_transformer"]
+__all__ = [
+    "Flux2Backbone",
+    "FLUX2",
+    "FLOW_SCHEDULER",
+    "KLEIN",
+    "pack",
+    "unpack",
+    "new_transformer",
+    "flux2_parts",
+]
 
 PATCH = 2  # FLUX.2's latent packing: 2×2 latent positions a token
+KLEIN = "black-forest-labs/FLUX.2-klein-4B"  # the distilled 4B; "-base-4B": not distilled
 
 # a FLUX.2-style flow scheduler for new transformers: rectified flow on the pipeline's
 # resolution-dependent (exponential) shift
@@ -141,3 +154,52 @@ def new_transformer(
         axes_dims_rope=(head_dim // 4,) * 4,
         guidance_embeds=False,
     )
+
+
+def flux2_parts(
+    pretrained: str | os.PathLike = KLEIN,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    decoder: Literal["vae", "taef2"] = "vae",
+    taef2_dir: str | os.PathLike | None = None,
+    transformer: Flux2Transformer2DModel | None = None,
+) -> dict:
+    """A FLUX.2 pipeline's (a hub id or a local diffusers folder: ``transformer/``,
+    ``vae/``, ``text_encoder/`` (Qwen3), ``tokenizer/``, ``scheduler/``) parts, as
+    :meth:`perco.PerCo.from_components` takes them. ``decoder="taef2"``: decode with TAEF2
+    (from ``taef2_dir``) instead of the VAE's decoder; ``transformer``: one to use instead
+    of the pipeline's (e.g. built on the meta device)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..autoencoders import Flux2Autoencoder
+    from ..text import check_tokenizer
+
+    if decoder not in ("vae", "taef2"):
+        raise ValueError(f"decoder must be 'vae' or 'taef2', got {decoder!r}")
+    if decoder == "taef2" and taef2_dir is None:
+        raise ValueError("decoder=taef2 needs taef2_dir (the assets' taef2/ folder)")
+    load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    tiny = None
+    if decoder == "taef2":
+        from ..taef2 import load_taef2
+
+        tiny = load_taef2(taef2_dir)
+    vae = AutoencoderKLFlux2.from_pretrained(pretrained, subfolder="vae", **load)
+    if transformer is None:
+        transformer = Flux2Transformer2DModel.from_pretrained(
+            pretrained, subfolder="transformer", **load
+        )
+    text_encoder = AutoModelForCausalLM.from_pretrained(pretrained, subfolder="text_encoder",
+                                                        **load)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
+    check_tokenizer(tokenizer, str(pretrained))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained,
+                                                                subfolder="scheduler")  # fmt: skip
+    return {
+        "autoencoder": Flux2Autoencoder(vae, tiny),
+        "denoiser": transformer,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
