@@ -231,3 +231,41 @@ def test_flux2_decodes_with_taef2_when_asked(klein_folder, assets, tmp_path):
     assert isinstance(loaded.autoencoder.tiny, TinyAutoencoder)
     with pytest.raises(ValueError, match="taef2_dir"):
         PerCo.from_flux2(klein_folder, "r0.0098", decoder="taef2", **SMALL)
+
+
+def test_a_one_step_student_of_a_flow_teacher_trains_and_decodes_its_files(
+    photo_folder, tmp_path, assets
+):
+    """The student objective unchanged on a flow model: one call from pure noise at
+    sigma 1 (x0 = x1 - v), paired distillation through the teacher's Euler decode, the
+    DMD critic on the flow schedule; the teacher's files decode in one call."""
+    from test_train import compose_train, tiny_overrides
+
+    from perco.train import train
+
+    teacher = tiny_flux2_perco("r0.0059").eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "runs"
+    backbone = assets / "lpips" / "vgg16_features.safetensors"
+    overrides = ["objective=student", f"init={tmp_path / 'teacher'}",
+                 f"objective.lpips_backbone={backbone}", "trainer.sample_steps=null",
+                 "objective.distill_weight=0.5", "objective.dmd_weight=0.5",
+                 "trainer.max_steps=2"]  # fmt: skip
+    summary = train(compose_train(*tiny_overrides(photo_folder, out, *overrides)))
+    assert summary["steps"] == 2 and summary["ranks_in_sync"]
+    student = PerCo.from_pretrained(out / "tiny" / "r0.0059" / "model").eval()
+    assert student.config.one_step_timestep == 1000 and student.backbone.name == "flux2"
+    assert codec.file_fingerprint(student) == teacher.fingerprint
+    moved = [not torch.equal(p, q) for p, q in
+             zip(student.transformer.parameters(), teacher.transformer.parameters(),
+                 strict=True)]  # fmt: skip
+    assert any(moved)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ((data, _),) = codec.compress(teacher, image)
+    calls = []
+    hook = student.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        (decoded,) = codec.decompress(student, [codec.parse(student, data)[0]])
+    finally:
+        hook.remove()
+    assert calls == [1] and decoded.shape == (3, 64, 64)
