@@ -41,6 +41,7 @@ __all__ = [
     "tiny_qwen_tokenizer",
     "tiny_flux2_components",
     "save_tiny_flux2",
+    "flux2_klein_components",
     "save_tiny_stable_diffusion",
     "SD21_CONFIGS",
     "published_config",
@@ -235,12 +236,41 @@ def tiny_flux2_components(seed: int = 0) -> dict:
     }
 
 
-def save_tiny_flux2(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write :func:`tiny_flux2_components` as a diffusers FLUX.2 [klein] folder (its
+def flux2_klein_components(
+    seed: int = 0, double_blocks: int = 1, single_blocks: int = 1, text_layers: int = 4
+) -> dict:
+    """FLUX.2 [klein] 4B's parts at their real widths with random weights, shallower: its
+    published transformer config with ``double_blocks`` + ``single_blocks`` blocks (of 5 +
+    20), the real VAE, a ``text_layers``-layer Qwen3 of Qwen3-4B's width and vocabulary
+    (three of its layers still give the 7680-wide context), :func:`tiny_qwen_tokenizer`
+    and the flow scheduler: every real module class, at every real width, at a size a CPU
+    trains (the full-size check, ``scripts/full_size_check.py --backbone flux2``)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .models.backbones.flux2 import FLOW_SCHEDULER
+
+    torch.manual_seed(seed)
+    transformer = {**published_config("flux2_klein", "transformer"),
+                   "num_layers": double_blocks, "num_single_layers": single_blocks}  # fmt: skip
+    text = {k: v for k, v in published_config("flux2_klein", "text_encoder").items()
+            if k != "model_type"}  # fmt: skip
+    return {
+        "transformer": Flux2Transformer2DModel.from_config(transformer),
+        "vae": AutoencoderKLFlux2.from_config(published_config("flux2_klein", "vae")),
+        "text_encoder": Qwen3ForCausalLM(Qwen3Config(**{**text, "num_hidden_layers": text_layers})),
+        "tokenizer": tiny_qwen_tokenizer(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER),
+    }
+
+
+def save_tiny_flux2(path: str | os.PathLike, seed: int = 0, components: dict | None = None) -> Path:
+    """Write :func:`tiny_flux2_components` (or ``components``, e.g.
+    :func:`flux2_klein_components`) as a diffusers FLUX.2 [klein] folder (its
     ``model_index.json`` and subfolders), which :meth:`PerCo.from_flux2` loads through
     the real loading path."""
     path = Path(path)
-    for name, part in tiny_flux2_components(seed).items():
+    for name, part in (components or tiny_flux2_components(seed)).items():
         part.save_pretrained(path / name)
     index = {"_class_name": "Flux2KleinPipeline", "is_distilled": True,
              "transformer": ["diffusers", "Flux2Transformer2DModel"],

@@ -37,6 +37,7 @@ def main(argv=None) -> None:
         "--latent-channels", type=int, default=4, help="4: SD, 16: FLUX.1, 32: TAEF2"
     )
     parser.add_argument("--json", type=Path, help="also write the backbones' rows here")
+    parser.add_argument("--table", type=Path, help="also write the backbones' table here")
     args = parser.parse_args(argv)
 
     with torch.device("meta"):
@@ -68,7 +69,10 @@ def main(argv=None) -> None:
     trainable_shares()
     print()
     rows = backbone_rows()
-    print_backbones(rows)
+    table = backbone_table(rows)
+    print(table, end="")
+    if args.table:
+        args.table.write_text(table)
     if args.json:
         args.json.write_text(json.dumps({"size": [HEIGHT, WIDTH], "rows": rows}, indent=2) + "\n")
 
@@ -163,20 +167,23 @@ def _row(name, params, lora, image_tokens, text_tokens, call, decoders) -> dict:
     return row
 
 
-def print_backbones(rows: list[dict]) -> None:
-    print(f"Backbones at {HEIGHT}×{WIDTH}, batch 1 (meta device): denoiser widened for z_l "
-          f"({CODE_CHANNELS} channels), rank-{LORA_RANK} LoRA adapters on the attention, "
-          "TFLOP per call, and per decode: 20 and 4 guided steps (two branches each) or one "
-          "unguided step, plus each decoder")  # fmt: skip
-    print("| backbone | parameters | LoRA r16 | image positions | text tokens | TFLOP/call "
-          "| decoder | decoder TFLOP | decode 20 | decode 4 | decode 1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def backbone_table(rows: list[dict]) -> str:
+    """The markdown table of :func:`backbone_rows` (decode columns: TFLOP with the decoder)."""
+    lines = [f"Backbones at {HEIGHT}×{WIDTH}, batch 1 (meta device): denoiser widened for z_l "
+             f"({CODE_CHANNELS} channels), rank-{LORA_RANK} LoRA adapters on the attention, "
+             "TFLOP per call, and per decode: 20 and 4 guided steps (two branches each) or one "
+             "unguided step, plus each decoder", "",
+             "| backbone | parameters | LoRA r16 | image positions | text tokens | TFLOP/call "
+             "| decoder | decoder TFLOP | decode 20 | decode 4 | decode 1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         for decoder, d in r["decoders_tflop"].items():
             steps = " | ".join(f"{r[f'tflop_decode_{s}'] + d:.1f}" for s in (20, 4, 1))
-            print(f"| {r['backbone']} | {r['params'] / 1e9:.3f} B | {r['lora_r16'] / 1e6:.1f} M "
-                  f"| {r['image_positions']:,} | {r['text_tokens']} | {r['tflop_per_call']:.2f} "
-                  f"| {decoder} | {d:.2f} | {steps} |")
+            lines.append(f"| {r['backbone']} | {r['params'] / 1e9:.3f} B "
+                         f"| {r['lora_r16'] / 1e6:.1f} M | {r['image_positions']:,} "
+                         f"| {r['text_tokens']} | {r['tflop_per_call']:.2f} | {decoder} "
+                         f"| {d:.2f} | {steps} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def meta_perco(rate: str = "r0.0019"):

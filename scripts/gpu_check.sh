@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a lent GPU, about 8 minutes on one H100/H200 (so it can be rerun within
-# a 15-minute loan): the GPU test group, the full-size check in bf16, SD 2.1-sized decode
-# and training benchmarks; everything goes to one markdown report.
+# a 15-minute loan): the GPU test group, the full-size checks in bf16 (SD 2.1, and FLUX.2
+# [klein] at its widths: not yet timed on a GPU), SD 2.1-sized decode and training
+# benchmarks; everything goes to one markdown report.
 #
 #   bash scripts/gpu_check.sh [report.md]        # default: runs/gpu_check/report.md
 #
@@ -46,6 +47,8 @@ export PERCO_ASSETS="${PERCO_ASSETS:-../shared/assets}"
 part "pytest -m gpu" 240 python -m pytest -m gpu -q -p no:cacheprovider
 part "full size, bf16, 256² crop (scripts/full_size_check.py)" 150 \
     python scripts/full_size_check.py --device cuda --dtype bf16 --size 256
+part "FLUX.2 [klein] widths, bf16, 256² crop (scripts/full_size_check.py --backbone flux2)" 120 \
+    python scripts/full_size_check.py --backbone flux2 --device cuda --dtype bf16 --size 256
 part "decode 768×512, bf16 SDPA (scripts/bench_decode.py)" 120 \
     python scripts/bench_decode.py --model sd21 --steps 1 5 20 --variants "bf16 sdpa" --repeats 2
 part "one training step at 512², bf16 (scripts/bench_train.py)" 150 \

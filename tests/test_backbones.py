@@ -269,3 +269,21 @@ def test_a_one_step_student_of_a_flow_teacher_trains_and_decodes_its_files(
     finally:
         hook.remove()
     assert calls == [1] and decoded.shape == (3, 64, 64)
+
+
+def test_a_transformer_sweeps_rungs_share_their_frozen_parts_when_loaded(tmp_path):
+    """load_models (perco-eval rates=/compare=) on a FLUX.2 sweep: each rung's own
+    transformer, one autoencoder and text encoder held once."""
+    from perco.models.loading import load_models
+
+    first = tiny_flux2_perco("r0.0019")
+    second = tiny_flux2_perco("r0.0098")
+    second.autoencoder, second.text_encoder = first.autoencoder, first.text_encoder
+    with torch.no_grad():  # rungs train their own transformers
+        second.transformer.x_embedder.weight.add_(0.01)
+    for model in (first, second):
+        model.eval().save_pretrained(tmp_path / "sweep" / model.rate.name / "model")
+    loaded = load_models(str(tmp_path / "sweep"), ["r0.0019", "r0.0098"])
+    a, b = loaded["r0.0019"], loaded["r0.0098"]
+    assert a.autoencoder is b.autoencoder and a.text_encoder is b.text_encoder
+    assert a.transformer is not b.transformer

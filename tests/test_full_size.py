@@ -1,4 +1,5 @@
-"""SD 2.1-sized PerCo run for real on the CPU (issue 29): every real module executes once.
+"""SD 2.1-sized PerCo, and FLUX.2 [klein] at its widths, run for real on the CPU (issues 29,
+39): every real module class executes.
 
 ``scripts/full_size_check.py`` builds the real architecture with random weights from the
 published configs shipped in the package, loads it through ``from_stable_diffusion``,
@@ -39,6 +40,28 @@ def test_sd21_sized_perco_trains_resumes_compresses_and_decodes_on_the_cpu(asset
     assert result["resumed_tensors_equal"] > 1000
     assert result["unet_calls_1_steps"] == 1 and result["unet_calls_2_steps"] == 2
     assert 0 < result["file_bytes"] < 64  # 2×2 indices of 8 bits and a short caption
+
+
+@pytest.mark.slow
+def test_flux2_klein_wide_perco_trains_resumes_compresses_and_decodes_on_the_cpu(
+    assets, tmp_path
+):
+    """FLUX.2 [klein] at its real widths, shallower (1 + 1 blocks of width 3072, the real
+    VAE, a 4-layer Qwen3 of Qwen3-4B's width and vocabulary): every module class runs."""
+    out = tmp_path / "full_size.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "full_size_check.py"), "--backbone", "flux2",
+           "--assets", str(assets), "--workdir", str(tmp_path), "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["backbone"] == "flux2" and result["peak_rss_gb"] < 20
+    assert result["attention"] == ["Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"]
+    for mode in ("linear", "lora"):
+        losses = result[f"train_{mode}"]["losses"]
+        assert losses[-1] < losses[0]
+    assert result["unet_calls_1_steps"] == 1 and result["unet_calls_2_steps"] == 2
+    assert result["module_classes_run"] > 20
 
 
 def test_gpu_check_says_no_cuda_device_and_fails_without_one():

@@ -98,3 +98,5 @@ def test_count_params_script_prints_the_measured_numbers(capsys):
     # (double blocks) + 20 × 16 · (30720 + 15360) (single blocks' fused projections)
     assert "| SD 2.1 (U-Net) | 0.867 B | 3.3 M | 6,144 | 77 | 1.31 | SD VAE | 3.80 |" in out
     assert "| FLUX.2 [klein] 4B | 3.879 B | 18.7 M | 1,536 | 512 | 13.89 | TAEF2 | 0.21 |" in out
+    committed = Path(__file__).resolve().parents[1] / "results" / "counts" / "backbones_768x512.md"
+    assert committed.read_text() in out  # the docs' table is this run's

@@ -41,21 +41,23 @@ def load_model(spec: str, rate: str | None = None) -> PerCo:
 
 
 # the parts several rungs may hold alike: a sweep's frozen autoencoder and text encoder,
-# a multi-rate student's U-Net
-SHAREABLE = ("unet", "autoencoder", "text_encoder")
+# a multi-rate student's denoiser (held under its backbone's name)
+SHAREABLE = ("denoiser", "autoencoder", "text_encoder")
 
 
 def load_models(spec: str, rates: Sequence[str]) -> dict[str, PerCo]:
     """:func:`load_model` at each of ``rates``, the rungs sharing one module for each part
     of :data:`SHAREABLE` whose weights are the same in several: serving a sweep then
     holds its frozen autoencoder and text encoder once, and a multi-rate student
-    (:class:`perco.train.objectives.MultiRateStudentObjective`) its U-Net too."""
+    (:class:`perco.train.objectives.MultiRateStudentObjective`) its denoiser too."""
     models, held = {}, {}
     for rate in rates:
         model = load_model(spec, rate)
         for name in SHAREABLE:
-            part = getattr(model, name)
-            setattr(model, name, held.setdefault((name, fingerprint({name: part}, {})), part))
+            attribute = model.backbone.attribute if name == "denoiser" else name
+            part = getattr(model, attribute)
+            key = (attribute, fingerprint({attribute: part}, {}))
+            setattr(model, attribute, held.setdefault(key, part))
         models[rate] = model
     return models
 
