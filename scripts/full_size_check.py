@@ -204,8 +204,8 @@ def main(argv=None) -> int:
         images = images.to(device)
         for mode in ("linear", "lora"):  # lora last: its adapters stay
             checkpointing = mode == "linear"  # each knob once: checkpointing with linear
-            label = f"train {args.steps} steps, {mode}" + (", checkpointing" * checkpointing)
-            with phases(label):
+            phase = f"train {args.steps} steps, {mode}" + (", checkpointing" * checkpointing)
+            with phases(phase):
                 out[f"train_{mode}"] = train_steps(
                     model, mode, images, args.steps, autocast, expected.get(mode), checkpointing
                 )
