@@ -137,14 +137,13 @@ class Flux2Autoencoder(Autoencoder):
         return mean, std.to(like)
 
     def _normalised(self, raw: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        from .backbones.flux2 import PATCH
-
+        p, q = self.vae.config.patch_size  # the packing its statistics are kept in: 2×2
         b, c, h, w = raw.shape
-        packed = raw.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 1, 3, 5, 2, 4)
-        packed = packed.reshape(b, c * PATCH * PATCH, h // PATCH, w // PATCH)
+        packed = raw.view(b, c, h // p, p, w // q, q).permute(0, 1, 3, 5, 2, 4)
+        packed = packed.reshape(b, c * p * q, h // p, w // q)
         mean, std = self._statistics(packed)
         packed = packed * std + mean if inverse else (packed - mean) / std
-        grid = packed.view(b, c, PATCH, PATCH, h // PATCH, w // PATCH).permute(0, 1, 4, 2, 5, 3)
+        grid = packed.view(b, c, p, q, h // p, w // q).permute(0, 1, 4, 2, 5, 3)
         return grid.reshape(b, c, h, w)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -168,10 +167,8 @@ class Flux2Autoencoder(Autoencoder):
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Flux2Autoencoder:
         from pathlib import Path
 
-        from .taesd import TinyAutoencoder
-
-        tiny = Path(path) / "tiny"
-        decoder = TinyAutoencoder.from_pretrained(tiny) if tiny.is_dir() else None
+        tiny = Path(path) / "tiny"  # a TAEF2 (its class registers itself: perco.models.taesd)
+        decoder = AUTOENCODERS["taesd"].from_pretrained(tiny) if tiny.is_dir() else None
         return cls(AutoencoderKLFlux2.from_pretrained(path, **kwargs), decoder)
 
 

@@ -20,6 +20,7 @@ image token count and step count.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -181,10 +182,12 @@ def flux2_parts(
         raise ValueError("decoder=taef2 needs taef2_dir (the assets' taef2/ folder)")
     load = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     tiny = None
-    if decoder == "taef2":
-        from ..taef2 import load_taef2
+    if decoder == "taef2":  # its published .pth state dicts (the assets' taef2/)
+        from ..taesd import TinyAutoencoder
 
-        tiny = load_taef2(taef2_dir)
+        tiny = TinyAutoencoder.from_state_dicts(
+            Path(taef2_dir) / "taef2_encoder.pth", Path(taef2_dir) / "taef2_decoder.pth"
+        ).eval().requires_grad_(False)
     vae = AutoencoderKLFlux2.from_pretrained(pretrained, subfolder="vae", **load)
     if transformer is None:
         transformer = Flux2Transformer2DModel.from_pretrained(
