@@ -63,7 +63,7 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
-    def draw_timesteps(self, n: int, generator=None, *, mu: float | None = None,
+    def draw_timesteps(self, n: int, generator=None, mu: float | None = None,
                        sampling: FlowTimesteps | None = None) -> torch.Tensor:  # fmt: skip
         """``n`` training timesteps (CPU)."""
         raise NotImplementedError
@@ -119,7 +119,7 @@ class DDPMSchedule(NoiseSchedule):
 
     name = "ddpm"
 
-    def draw_timesteps(self, n, generator=None, *, mu=None, sampling=None):
+    def draw_timesteps(self, n, generator=None, mu=None, sampling=None):
         if sampling is not None:
             raise ValueError("trainer.flow_timesteps is for flow models; this model's "
                              "scheduler is of the DDPM family")  # fmt: skip
@@ -182,7 +182,7 @@ class FlowSchedule(NoiseSchedule):
         s = config.shift
         return s * sigma / (1 + (s - 1) * sigma)
 
-    def draw_timesteps(self, n, generator=None, *, mu=None, sampling=None):
+    def draw_timesteps(self, n, generator=None, mu=None, sampling=None):
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         sampling = sampling or FlowTimesteps()

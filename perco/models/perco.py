@@ -45,8 +45,7 @@ from .text import NullTextEmbedding, drop_captions, encode_captions, text_shape
 
 __all__ = ["PerCo", "PerCoConfig", "Local", "Capability"]
 
-# the attributes a denoiser may be passed as (``PerCo(**dict(model.named_children()))``)
-_DENOISER_NAMES = tuple(backbone_named(name).attribute for name in BACKBONES)
+_DENOISER_NAMES = tuple(backbone_named(n).attribute for n in BACKBONES)  # unet=, transformer=
 
 Trainable = Literal["linear", "full", "lora", "none"]
 
@@ -59,9 +58,8 @@ class PerCo(nn.Module):
     :meth:`from_pretrained`. Images are ``(B, 3, H, W)`` in ``[0, 1]`` of any size: they
     are padded to :attr:`pad_multiple` and cropped back after decoding.
 
-    The denoiser is held under its backbone's name (``unet``, ``transformer``), as in a
-    diffusers pipeline folder: ``PerCo(..., unet=...)`` or ``transformer=...`` or the fourth
-    positional argument; :attr:`denoiser` is it whatever its family.
+    The denoiser (4th argument, or ``unet=``/``transformer=``) is held under its backbone's
+    name, as in a diffusers pipeline folder; :attr:`denoiser` is it whatever its family.
     """
 
     variant = "perco"
@@ -81,8 +79,8 @@ class PerCo(nn.Module):
         **components: nn.Module,
     ):
         super().__init__()
-        named = [components.pop(n) for n in _DENOISER_NAMES if n in components]
-        denoisers = named + ([] if denoiser is None else [denoiser])
+        denoisers = [components.pop(n) for n in _DENOISER_NAMES if n in components]
+        denoisers += [] if denoiser is None else [denoiser]
         parts = (text_encoder, tokenizer, null_text, scheduler, config)
         if len(denoisers) != 1 or any(part is None for part in parts):
             raise TypeError(f"{type(self).__name__} takes one denoiser (unet=, transformer=), a "
@@ -207,17 +205,15 @@ class PerCo(nn.Module):
 
     @classmethod
     def from_flux2(cls, pretrained: str | os.PathLike = "black-forest-labs/FLUX.2-klein-4B",
-                   rate: str | Rate = "r0.0019", *, torch_dtype: torch.dtype | None = None,
-                   decoder: str = "vae", taef2_dir: str | os.PathLike | None = None,
-                   transformer: nn.Module | None = None, **kwargs) -> PerCo:  # fmt: skip
-        """Start PerCo from a FLUX.2 pipeline (a hub id or a local folder; FLUX.2 [klein]
-        4B by default): its transformer, VAE (or ``decoder="taef2"``), Qwen3 text encoder
-        and flow scheduler (:func:`perco.models.backbones.flux2.flux2_parts`); ``kwargs``
-        go to :meth:`from_components`."""
+                   rate: str | Rate = "r0.0019", **kwargs) -> PerCo:  # fmt: skip
+        """Start PerCo from a FLUX.2 pipeline (a hub id or a local folder; [klein] 4B by
+        default): ``torch_dtype``, ``decoder`` (``"taef2"`` with ``taef2_dir``) and
+        ``transformer`` go to :func:`~perco.models.backbones.flux2.flux2_parts`, the rest
+        to :meth:`from_components`."""
         from .backbones.flux2 import flux2_parts
 
-        parts = flux2_parts(pretrained, torch_dtype=torch_dtype, decoder=decoder,
-                            taef2_dir=taef2_dir, transformer=transformer)  # fmt: skip
+        keys = ("torch_dtype", "decoder", "taef2_dir", "transformer")
+        parts = flux2_parts(pretrained, **{k: kwargs.pop(k) for k in keys if k in kwargs})
         return cls.from_components(**parts, rate=rate, **kwargs)
 
     # -- properties -----------------------------------------------------------------
@@ -503,8 +499,7 @@ class PerCo(nn.Module):
         snr_gamma: float | None = None,
         flow_timesteps: FlowTimesteps | None = None,
     ) -> PerCoLoss:
-        """Training loss of a batch (paper eq. 3 with v- or ε-prediction, or the velocity
-        of rectified flow, plus eq. 4).
+        """Training loss of a batch (paper eq. 3: ε, v or flow velocity; plus eq. 4).
 
         ``snr_gamma``: Min-SNR-γ loss weighting (Hang et al. 2023), ``min(SNR, γ)`` in
         x0 terms, which stops nearly clean timesteps from dominating; ``None``: the
@@ -541,8 +536,7 @@ class PerCo(nn.Module):
             noise = torch.randn(latents.shape, generator=generator).to(latents)
         if timesteps is None:
             mu = self.backbone.mu(denoiser, latents.shape[-2:], self.default_steps)
-            timesteps = schedule.draw_timesteps(latents.shape[0], generator, mu=mu,
-                                                sampling=flow_timesteps)  # fmt: skip
+            timesteps = schedule.draw_timesteps(len(latents), generator, mu, flow_timesteps)
         timesteps = timesteps.to(latents.device)
         noisy = schedule.add_noise(latents, noise, timesteps)
         target = schedule.target(latents, noise, timesteps)
