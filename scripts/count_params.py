@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from _bench import count_flops
 from diffusers import UNet2DConditionModel
 
 from perco.models import HyperEncoder, VectorQuantizer, linear_parameter_share, widen_conv_in
@@ -77,14 +78,6 @@ def main(argv=None) -> None:
         args.json.write_text(json.dumps({"size": [HEIGHT, WIDTH], "rows": rows}, indent=2) + "\n")
 
 
-def _flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def _lora_params(module: torch.nn.Module, targets) -> int:
     from peft import LoraConfig
 
@@ -119,11 +112,12 @@ def backbone_rows(height: int = HEIGHT, width: int = WIDTH) -> list[dict]:
         UNET.widen(unet, CODE_CHANNELS, "zero")
         x, z = torch.randn(1, 4, h, w), torch.randn(1, CODE_CHANNELS, h, w)
         text = torch.randn(1, 77, 1024)
-        call = _flops(lambda: UNET.predict(unet, x, z, torch.ones(1, dtype=torch.long), text))
+        call = count_flops(lambda: UNET.predict(unet, x, z, torch.ones(1, dtype=torch.long), text))
         params = count(unet)
         vae = AutoencoderKL.from_config(sd21_config("vae"))
+        decoders = {"SD VAE": count_flops(lambda: vae.decode(x))}
         rows.append(_row("SD 2.1 (U-Net)", params, _lora_params(unet, list(UNET.lora_targets)),
-                         h * w, 77, call, {"SD VAE": _flops(lambda: vae.decode(x))}))  # fmt: skip
+                         h * w, 77, call, decoders))  # fmt: skip
 
         # SD 3.5 medium: MMDiT (patch 2), CLIP-L + CLIP-G (77) + T5-XXL (256) text; no
         # backbone module yet: counted through diffusers' class, its patch embedding widened
@@ -131,26 +125,26 @@ def backbone_rows(height: int = HEIGHT, width: int = WIDTH) -> list[dict]:
         mmdit.pos_embed.proj = widened(mmdit.pos_embed.proj, CODE_CHANNELS, "zero")
         x16 = torch.randn(1, 16 + CODE_CHANNELS, h, w)
         seq, pooled = torch.randn(1, 77 + 256, 4096), torch.randn(1, 2048)
-        call = _flops(lambda: mmdit(x16, seq, pooled, torch.ones(1)))
+        call = count_flops(lambda: mmdit(x16, seq, pooled, torch.ones(1)))
         params = count(mmdit)
         targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                    "add_v_proj", "to_add_out"]  # fmt: skip
         vae16 = AutoencoderKL.from_config(published_config("sd35_medium", "vae"))
         rows.append(_row("SD 3.5 medium (MMDiT)", params, _lora_params(mmdit, targets),
                          (h // 2) * (w // 2), 333, call,
-                         {"SD3 VAE": _flops(lambda: vae16.decode(torch.randn(1, 16, h, w)))}))
+                         {"SD3 VAE": count_flops(lambda: vae16.decode(torch.randn(1, 16, h, w)))}))
 
         # FLUX.2 [klein] 4B: Qwen3-4B text (512 tokens, 3 layers × 2560), its VAE or TAEF2
         flux = Flux2Transformer2DModel.from_config(published_config("flux2_klein", "transformer"))
         FLUX2.widen(flux, CODE_CHANNELS, "zero")
         x32, z = torch.randn(1, 32, h, w), torch.randn(1, CODE_CHANNELS, h, w)
         text = torch.randn(1, 512, 7680)
-        call = _flops(lambda: FLUX2.predict(flux, x32, z, torch.ones(1), text))
+        call = count_flops(lambda: FLUX2.predict(flux, x32, z, torch.ones(1), text))
         params = count(flux)
         kl = AutoencoderKLFlux2.from_config(published_config("flux2_klein", "vae"))
         taef2 = TinyAutoencoder(latent_channels=32)
-        decoders = {"FLUX.2 VAE": _flops(lambda: kl.decode(x32)),
-                    "TAEF2": _flops(lambda: taef2.decoder(x32))}  # fmt: skip
+        decoders = {"FLUX.2 VAE": count_flops(lambda: kl.decode(x32)),
+                    "TAEF2": count_flops(lambda: taef2.decoder(x32))}  # fmt: skip
         rows.append(_row("FLUX.2 [klein] 4B", params, _lora_params(flux, FLUX2.lora_targets),
                          (h // 2) * (w // 2), 512, call, decoders))  # fmt: skip
     return rows

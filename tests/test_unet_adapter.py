@@ -80,10 +80,11 @@ def test_stable_diffusion_21_unet_on_meta():
 
 
 @pytest.mark.slow
-def test_count_params_script_prints_the_measured_numbers(capsys):
+def test_count_params_script_prints_the_measured_numbers(capsys, monkeypatch):
     import runpy
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "count_params.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # as when run: its _bench beside it
     runpy.run_path(str(script), run_name="perco_count_params")["main"]([])
     out = capsys.readouterr().out
     assert "| r0.0019 | ×8 | 8×8 | 256 | 5,868,032 | 5,888,864 |" in out
