@@ -16,6 +16,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLFlux2
 from torch import nn
 
+from .packing import pack, unpack
+
 __all__ = [
     "Autoencoder",
     "SDAutoencoder",
@@ -132,19 +134,14 @@ class Flux2Autoencoder(Autoencoder):
 
     def _statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.vae.bn
-        mean = bn.running_mean.view(1, -1, 1, 1).to(like)
-        std = (bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).sqrt()
-        return mean, std.to(like)
+        std = (bn.running_var + self.vae.config.batch_norm_eps).sqrt()
+        return bn.running_mean.to(like), std.to(like)
 
     def _normalised(self, raw: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        p, q = self.vae.config.patch_size  # the packing its statistics are kept in: 2×2
-        b, c, h, w = raw.shape
-        packed = raw.view(b, c, h // p, p, w // q, q).permute(0, 1, 3, 5, 2, 4)
-        packed = packed.reshape(b, c * p * q, h // p, w // q)
-        mean, std = self._statistics(packed)
-        packed = packed * std + mean if inverse else (packed - mean) / std
-        grid = packed.view(b, c, p, q, h // p, w // q).permute(0, 1, 4, 2, 5, 3)
-        return grid.reshape(b, c, h, w)
+        tokens = pack(raw)  # the 2×2-packed layout its statistics are kept in
+        mean, std = (s.view(1, 1, -1) for s in self._statistics(tokens))
+        tokens = tokens * std + mean if inverse else (tokens - mean) / std
+        return unpack(tokens, *raw.shape[-2:])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         raw = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from diffusers import Flux2Transformer2DModel
 
+from ..packing import PATCH, pack, unpack
 from . import Backbone, widened
 
 __all__ = [
@@ -39,28 +40,12 @@ __all__ = [
     "flux2_parts",
 ]
 
-PATCH = 2  # FLUX.2's latent packing: 2×2 latent positions a token
 KLEIN = "black-forest-labs/FLUX.2-klein-4B"  # the distilled 4B; "-base-4B": not distilled
 
 # a FLUX.2-style flow scheduler for new transformers: rectified flow on the pipeline's
 # resolution-dependent (exponential) shift
 FLOW_SCHEDULER = {"num_train_timesteps": 1000, "use_dynamic_shifting": True,
                   "time_shift_type": "exponential"}  # fmt: skip
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, h, w)`` → tokens ``(B, hw/4, 4C)``, channel-major within each 2×2 patch."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The inverse of :func:`pack`: tokens ``(B, hw/4, 4C)`` → ``(B, C, h, w)``."""
-    b, _, d = tokens.shape
-    c = d // (PATCH * PATCH)
-    x = tokens.view(b, h // PATCH, w // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h, w)
 
 
 def _ids(rows: int, cols: int, length: int, device) -> torch.Tensor:
